@@ -1,0 +1,135 @@
+// Device-side helpers shared by libclsa's kernels: element types, 16-byte vector loads with
+// widening, paged addressing, launch checks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "check.hpp"
+#include "clsa/cache.hpp"
+#include "clsa/numeric.hpp"
+#include "cuda_check.hpp"
+
+namespace clsa {
+namespace cuda_kernels {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class Elem>
+struct ElemTraits;
+template <>
+struct ElemTraits<float> {
+  static constexpr int kPerVector = 4;  // elements per 16 bytes
+};
+template <>
+struct ElemTraits<__half> {
+  static constexpr int kPerVector = 8;
+};
+template <>
+struct ElemTraits<__nv_bfloat16> {
+  static constexpr int kPerVector = 8;
+};
+
+__device__ __forceinline__ float widen(float x) {
+  return x;
+}
+__device__ __forceinline__ float widen(__half x) {
+  return __half2float(x);
+}
+__device__ __forceinline__ float widen(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <class Elem>
+__device__ __forceinline__ Elem narrow(float x);
+template <>
+__device__ __forceinline__ float narrow<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half narrow<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+/// Widens the 16 bytes in `raw` (kPerVector elements of Elem) into out[0..kPerVector).
+template <class Elem>
+__device__ __forceinline__ void widen_vector(const uint4& raw, float* out);
+template <>
+__device__ __forceinline__ void widen_vector<float>(const uint4& raw, float* out) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
+}
+template <>
+__device__ __forceinline__ void widen_vector<__nv_bfloat16>(const uint4& raw, float* out) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+template <>
+__device__ __forceinline__ void widen_vector<__half>(const uint4& raw, float* out) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+    out[2 * i] = pair.x;
+    out[2 * i + 1] = pair.y;
+  }
+}
+
+/// Streaming 16-byte load through the read-only path (the cache is read once per call).
+__device__ __forceinline__ uint4 load_vector(const void* address) {
+  return __ldg(reinterpret_cast<const uint4*>(address));
+}
+
+/// Paged addressing of one sequence of a batch.
+struct PagedRows {
+  const std::int32_t* pages;  // the sequence's page indices
+  int page_shift;
+  int slot_mask;
+
+  __device__ __forceinline__ std::int64_t page(std::int64_t position) const { return pages[position >> page_shift]; }
+  __device__ __forceinline__ std::int64_t slot(std::int64_t position) const { return position & slot_mask; }
+};
+
+__host__ __device__ __forceinline__ int log2_exact(int power_of_two) {
+  int shift = 0;
+  while ((1 << shift) < power_of_two) ++shift;
+  return shift;
+}
+
+__host__ __device__ __forceinline__ std::int64_t ceil_div(std::int64_t a, std::int64_t b) {
+  return (a + b - 1) / b;
+}
+
+/// Raises a kernel's dynamic shared memory limit to at least `bytes` (once per size: the call is
+/// made outside any hot loop after the first step).
+template <auto Kernel>
+void allow_shared_memory(std::size_t bytes, const char* what) {
+  static std::atomic<std::size_t> allowed{48 * 1024};
+  if (bytes <= allowed.load(std::memory_order_relaxed)) return;
+  detail::cuda_check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                     what);
+  allowed.store(bytes, std::memory_order_relaxed);
+}
+
+/// Visible positions of query token t of T for a sequence of `length`: [0, length - T + t].
+__device__ __forceinline__ int visible_length(int length, int tokens, int t) {
+  return length - tokens + t + 1;
+}
+
+}  // namespace cuda_kernels
+}  // namespace clsa

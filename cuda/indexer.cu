@@ -1,0 +1,730 @@
+// The lightning indexer on the GPU: a score pass over the indexer keys (tensor cores for 16-bit
+// keys) that also builds the first radix histogram, then an exact multi-CTA radix select.
+//
+//   score_kernel   grid (token tiles, sequences, row blocks): reads every visible indexer key once
+//                  (16-byte loads), mma.sync m16n8k16 with the queries' heads as M, writes the
+//                  f32 scores and adds the top 11 bits of each candidate's key to hist0[row].
+//   filter_kernel  grid (position tiles, rows): finds the threshold bin of hist0, writes the
+//                  positions above it, compacts the threshold bin's members, builds hist1.
+//   finish_kernel  one CTA per row: sinks and window, then the remaining radix passes over the
+//                  (usually small) candidate list, down to the position bits (ties to the lower
+//                  position), the -1 padding, and the routed set rewritten in ascending order.
+//
+// The routing key of a candidate is the 64-bit (score_key(score) << 32 | ~position): unique, so the
+// selected set is exactly the CPU's. Candidate lists live in the workspace with room for every
+// position: nothing is ever dropped.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
+#include "../cuda/kernels.hpp"
+#include "common.cuh"
+
+namespace clsa {
+namespace cuda_kernels {
+
+namespace {
+
+constexpr int kBins = 2048;
+constexpr int kScoreThreads = 128;
+constexpr int kTokensPerWarp = 64;
+constexpr int kScoreTile = kTokensPerWarp * kScoreThreads / 32;  // 256 positions per CTA
+constexpr int kQueryBudget = 32 * 1024;                          // shared memory for queries
+constexpr int kFilterThreads = 256;
+constexpr int kFilterTile = 4096;
+constexpr int kFinishThreads = 512;
+
+/// Workspace layout (all offsets 256-byte aligned).
+struct Workspace {
+  std::int64_t stride;  // scores / candidate row stride (positions)
+  std::size_t scores, hist0, hist1, counters, bitmap, candidates, spare, end;
+  std::size_t memset_begin, memset_bytes;
+
+  Workspace(int rows, std::int64_t max_length) {
+    auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
+    stride = ceil_div(std::max<std::int64_t>(max_length, 1), 64) * 64;
+    const std::size_t r = static_cast<std::size_t>(rows);
+    const std::size_t row_bytes = static_cast<std::size_t>(stride) * 4;
+    scores = 0;
+    hist0 = align(scores + r * row_bytes);
+    hist1 = hist0 + r * kBins * 4;
+    counters = hist1 + r * kBins * 4;
+    bitmap = counters + r * 4 * 4;
+    candidates = align(bitmap + r * static_cast<std::size_t>(stride / 32) * 4);
+    spare = align(candidates + r * row_bytes);
+    end = align(spare + r * row_bytes);
+    memset_begin = hist0;
+    memset_bytes = candidates - hist0;
+  }
+};
+
+struct SelectParams {
+  IndexerArgs a;
+  int page_shift;
+  int rows_per_block;  // query tokens per score CTA (grid.z = ceil(T / rows_per_block))
+  int padded_heads;    // heads rounded up to 16 (mma path)
+  std::int64_t stride;
+  float* scores;             // [rows][stride]
+  unsigned* hist0;           // [rows][kBins]
+  unsigned* hist1;           // [rows][kBins]
+  unsigned* counters;        // [rows][4]: selected above the threshold bin, candidates
+  unsigned* bitmap;          // [rows][stride / 32]: the routed set, to write it in position order
+  std::int32_t* candidates;  // [rows][stride]
+  std::int32_t* spare;       // [rows][stride]
+};
+
+/// What a query row must do: its visible length and the candidate range between sinks and window.
+struct RowPlan {
+  int visible, sink_end, window_begin, forced, needed;
+  bool selects;  // false when every visible position is routed (or sinks + window fill top_k)
+
+  __device__ RowPlan(const IndexerArgs& a, int b, int t) {
+    visible = visible_length(a.lengths[b], a.tokens, t);
+    sink_end = min(a.sinks, visible);
+    window_begin = max(sink_end, visible - a.window);
+    forced = sink_end + (visible - window_begin);
+    needed = a.top_k - forced;
+    selects = visible > a.top_k && needed > 0;
+  }
+};
+
+__device__ __forceinline__ float relu_keep_nan(float x) {
+  return x < 0.0f ? 0.0f : x;
+}
+
+__device__ __forceinline__ std::uint64_t key_of(const float* scores, int position) {
+  return routing_key(scores[position], position);
+}
+
+/// Radix digit `level` of a routing key: 11, 11, 10 bits of the score key, then 11, 11, 10 bits
+/// of the position part.
+__device__ __forceinline__ int digit(std::uint64_t key, int level) {
+  switch (level) {
+    case 0:
+      return static_cast<int>(key >> 53);
+    case 1:
+      return static_cast<int>((key >> 42) & 0x7ff);
+    case 2:
+      return static_cast<int>((key >> 32) & 0x3ff);
+    case 3:
+      return static_cast<int>((key >> 21) & 0x7ff);
+    case 4:
+      return static_cast<int>((key >> 10) & 0x7ff);
+    default:
+      return static_cast<int>(key & 0x3ff);
+  }
+}
+
+/// Threshold bin of a histogram: the bin where, counting from the top, `needed` is reached.
+/// Returns the bin and, in `above`, how many lie in higher bins. Every thread of the block gets
+/// the answer. `shared_result` holds two ints.
+template <int Threads>
+__device__ int threshold_bin(const unsigned* histogram, int needed, int* above, int* shared_result,
+                             typename cub::BlockScan<int, Threads>::TempStorage& scan_storage) {
+  constexpr int kPerThread = kBins / Threads;
+  if (threadIdx.x == 0) {
+    shared_result[0] = 0;  // only reached if the histogram holds fewer than `needed` (a bug)
+    shared_result[1] = 0;
+  }
+  __syncthreads();
+  int counts[kPerThread];
+  int local = 0;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    counts[i] = static_cast<int>(histogram[kBins - 1 - (threadIdx.x * kPerThread + i)]);  // descending bins
+    local += counts[i];
+  }
+  int before = 0;
+  cub::BlockScan<int, Threads>(scan_storage).ExclusiveSum(local, before);
+  int running = before;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    if (running < needed && running + counts[i] >= needed) {
+      shared_result[0] = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
+      shared_result[1] = running;
+    }
+    running += counts[i];
+  }
+  __syncthreads();
+  *above = shared_result[1];
+  const int bin = shared_result[0];
+  __syncthreads();
+  return bin;
+}
+
+// ---------------------------------------------------------------- score pass
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class Elem>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+    mma_bf16(c, a, b0, b1);
+  } else {
+    mma_f16(c, a, b0, b1);
+  }
+}
+
+/// Adds this CTA's scores of block rows to hist0 (top 11 bits of each candidate's key).
+__device__ void add_first_histogram(const SelectParams& p, int b, int t_begin, int t_end, int tile_begin,
+                                    unsigned* histogram) {
+  const IndexerArgs& a = p.a;
+  for (int t = t_begin; t < t_end; ++t) {
+    const RowPlan plan(a, b, t);
+    if (!plan.selects) continue;  // uniform over the CTA
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+    __syncthreads();
+    const std::int64_t row = std::int64_t{b} * a.tokens + t;
+    const float* scores = p.scores + row * p.stride;
+    for (int i = threadIdx.x; i < kScoreTile; i += blockDim.x) {
+      const int position = tile_begin + i;
+      if (position >= plan.sink_end && position < plan.window_begin) {
+        atomicAdd(&histogram[score_key(scores[position]) >> 21], 1u);
+      }
+    }
+    __syncthreads();
+    unsigned* global = p.hist0 + row * kBins;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+      if (histogram[i] != 0) atomicAdd(&global[i], histogram[i]);
+    }
+    __syncthreads();
+  }
+}
+
+/// Scores with tensor cores (f16/bf16 keys, DIM 64 or 128). Queries of rows_per_block tokens x
+/// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
+template <class Elem, int DIM>
+__global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p) {
+  const IndexerArgs& a = p.a;
+  extern __shared__ __align__(16) unsigned char shared[];
+  constexpr int kRowElems = DIM + 32;  // rows 64 bytes apart modulo 128: conflict-free A loads
+  const int heads = a.heads;
+  const int padded = p.padded_heads;
+  const int b = blockIdx.y;
+  const int t_begin = blockIdx.z * p.rows_per_block;
+  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
+  const int block_rows = t_end - t_begin;
+  const int length = a.lengths[b];
+  const int tile_begin = blockIdx.x * kScoreTile;
+  if (tile_begin >= length) return;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;  // the token of this lane in an n-tile; a row of C
+  const int quad = lane % 4;   // threadID_in_group
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift, (1 << p.page_shift) - 1};
+  const PagedCacheLayout& layout = a.layout;
+  const Elem* keys = static_cast<const Elem*>(layout.index_keys);
+  constexpr int kVectors = DIM / 32;  // 16-byte loads per lane per token
+  const int head_tiles = padded / 16;
+  const int warp_begin = tile_begin + warp * kTokensPerWarp;
+  auto load_step = [&](int n0, uint4(&raw)[2][kVectors]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int position = warp_begin + n0 + half * 8 + group;
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) raw[half][v] = make_uint4(0, 0, 0, 0);
+      if (position < length) {
+        const Elem* row = keys + paged.page(position) * layout.index_page_stride +
+                          paged.slot(position) * layout.index_token_stride + quad * 8;
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) raw[half][v] = load_vector(row + v * 32);
+      }
+    }
+  };
+  uint4 next[2][kVectors];
+  load_step(0, next);
+
+  Elem* queries = reinterpret_cast<Elem*>(shared);  // [block_rows * padded][kRowElems]
+  float* weights = reinterpret_cast<float*>(queries + static_cast<std::size_t>(p.rows_per_block) * padded * kRowElems);
+  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * padded);
+  for (int i = threadIdx.x; i < block_rows * padded * (DIM / 8); i += blockDim.x) {
+    const int r = i / (DIM / 8);
+    const int v = i % (DIM / 8);
+    const int t = t_begin + r / padded;
+    const int h = r % padded;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (h < heads) {
+      value = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(a.q) + b * a.q_stride_b + t * a.q_stride_t +
+                                              h * a.q_stride_h + v * 8);
+    }
+    *reinterpret_cast<uint4*>(queries + static_cast<std::size_t>(r) * kRowElems + v * 8) = value;
+  }
+  for (int i = threadIdx.x; i < block_rows * padded; i += blockDim.x) {
+    const int t = t_begin + i / padded;
+    const int h = i % padded;
+    float w = 0.0f;
+    if (h < heads) {
+      const std::int64_t offset = b * a.w_stride_b + t * a.w_stride_t + h;
+      switch (a.weights_dtype) {
+        case DType::f32:
+          w = static_cast<const float*>(a.weights)[offset];
+          break;
+        case DType::f16:
+          w = __half2float(static_cast<const __half*>(a.weights)[offset]);
+          break;
+        default:
+          w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
+          break;
+      }
+    }
+    weights[i] = w;
+  }
+  __syncthreads();
+
+  // Two n-tiles (16 tokens) per step; the next step's 2 * kVectors loads per lane are issued
+  // before this step's arithmetic (the first before the queries are staged).
+#pragma unroll
+  for (int n0 = 0; n0 < kTokensPerWarp; n0 += 16) {
+    uint4 raw[2][kVectors];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) raw[half][v] = next[half][v];
+    }
+    if (n0 + 16 < kTokensPerWarp) load_step(n0 + 16, next);
+    if (warp_begin + n0 >= length) break;  // uniform over the warp
+    for (int r = 0; r < block_rows; ++r) {
+      float total[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [n-tile][column pair]
+      for (int ht = 0; ht < head_tiles; ++ht) {
+        const int m_row = r * padded + ht * 16;
+        const Elem* q_low = queries + static_cast<std::size_t>(m_row + group) * kRowElems + quad * 8;
+        const Elem* q_high = q_low + 8 * kRowElems;
+        float c[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) {
+          const uint4 low = *reinterpret_cast<const uint4*>(q_low + v * 32);
+          const uint4 high = *reinterpret_cast<const uint4*>(q_high + v * 32);
+          // Dimension order inside a 32-dim chunk is permuted identically for A and B (the sum
+          // over k does not care): k-step 2v takes words 0,1; k-step 2v+1 takes words 2,3.
+          const unsigned a_even[4] = {low.x, high.x, low.y, high.y};
+          const unsigned a_odd[4] = {low.z, high.z, low.w, high.w};
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            mma<Elem>(c[half], a_even, raw[half][v].x, raw[half][v].y);
+            mma<Elem>(c[half], a_odd, raw[half][v].z, raw[half][v].w);
+          }
+        }
+        const float w_low = weights[r * padded + ht * 16 + group];
+        const float w_high = weights[r * padded + ht * 16 + group + 8];
+        const bool low_valid = ht * 16 + group < heads;
+        const bool high_valid = ht * 16 + group + 8 < heads;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            float value = (low_valid ? w_low * relu_keep_nan(c[half][col]) : 0.0f) +
+                          (high_valid ? w_high * relu_keep_nan(c[half][col + 2]) : 0.0f);
+            value += __shfl_xor_sync(kFullMask, value, 4);
+            value += __shfl_xor_sync(kFullMask, value, 8);
+            value += __shfl_xor_sync(kFullMask, value, 16);
+            total[half][col] += value;
+          }
+        }
+      }
+      if (group == 0) {
+        const std::int64_t row = std::int64_t{b} * a.tokens + t_begin + r;
+        float* out = p.scores + row * p.stride;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int position = warp_begin + n0 + half * 8 + quad * 2;
+          if (position < length) out[position] = a.scale * total[half][0];
+          if (position + 1 < length) out[position + 1] = a.scale * total[half][1];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
+}
+
+/// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
+__global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p) {
+  const IndexerArgs& a = p.a;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int dim = a.dim;
+  const int heads = a.heads;
+  const int b = blockIdx.y;
+  const int t_begin = blockIdx.z * p.rows_per_block;
+  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
+  const int block_rows = t_end - t_begin;
+  const int length = a.lengths[b];
+  const int tile_begin = blockIdx.x * kScoreTile;
+  if (tile_begin >= length) return;
+  float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]
+  float* weights = queries + static_cast<std::size_t>(p.rows_per_block) * heads * dim;
+  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * heads);
+  for (int i = threadIdx.x; i < block_rows * heads * dim; i += blockDim.x) {
+    const int r = i / (heads * dim);
+    const int h = (i / dim) % heads;
+    const int d = i % dim;
+    queries[i] = static_cast<const float*>(a.q)[b * a.q_stride_b + (t_begin + r) * a.q_stride_t + h * a.q_stride_h + d];
+  }
+  for (int i = threadIdx.x; i < block_rows * heads; i += blockDim.x) {
+    const std::int64_t offset = b * a.w_stride_b + (t_begin + i / heads) * a.w_stride_t + i % heads;
+    float w;
+    switch (a.weights_dtype) {
+      case DType::f32:
+        w = static_cast<const float*>(a.weights)[offset];
+        break;
+      case DType::f16:
+        w = __half2float(static_cast<const __half*>(a.weights)[offset]);
+        break;
+      default:
+        w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
+        break;
+    }
+    weights[i] = w;
+  }
+  __syncthreads();
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift, (1 << p.page_shift) - 1};
+  const PagedCacheLayout& layout = a.layout;
+  for (int i = threadIdx.x; i < kScoreTile; i += blockDim.x) {
+    const int position = tile_begin + i;
+    if (position >= length) break;
+    const float* key = static_cast<const float*>(layout.index_keys) + paged.page(position) * layout.index_page_stride +
+                       paged.slot(position) * layout.index_token_stride;
+    for (int r = 0; r < block_rows; ++r) {
+      float total = 0.0f;
+      for (int h = 0; h < heads; ++h) {
+        const float* q = queries + (static_cast<std::size_t>(r) * heads + h) * dim;
+        float dot = 0.0f;
+        for (int d = 0; d < dim; d += 4) {
+          const float4 k4 = *reinterpret_cast<const float4*>(key + d);
+          dot = fmaf(q[d], k4.x, dot);
+          dot = fmaf(q[d + 1], k4.y, dot);
+          dot = fmaf(q[d + 2], k4.z, dot);
+          dot = fmaf(q[d + 3], k4.w, dot);
+        }
+        total += weights[r * heads + h] * relu_keep_nan(dot);
+      }
+      p.scores[(std::int64_t{b} * a.tokens + t_begin + r) * p.stride + position] = a.scale * total;
+    }
+  }
+  __syncthreads();
+  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
+}
+
+// ---------------------------------------------------------------- selection
+
+/// Above-threshold positions of a tile go straight to the output; the threshold bin's members
+/// become candidates, and hist1 counts their next digit. Each thread keeps its kItems scores in
+/// registers; one block scan gives every thread its output slots, so each CTA makes two global
+/// atomics in all.
+__global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) {
+  using Scan = cub::BlockScan<int, kFilterThreads>;
+  constexpr int kItems = kFilterTile / kFilterThreads;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int result[2];
+  __shared__ unsigned histogram[kBins];
+  __shared__ unsigned bases[2];
+  const IndexerArgs& a = p.a;
+  const std::int64_t row = blockIdx.y;
+  const int b = static_cast<int>(row / a.tokens);
+  const int t = static_cast<int>(row % a.tokens);
+  const RowPlan plan(a, b, t);
+  const int tile_begin = plan.sink_end + blockIdx.x * kFilterTile;
+  if (!plan.selects || tile_begin >= plan.window_begin) return;
+  const int tile_end = min(plan.window_begin, tile_begin + kFilterTile);
+  const float* scores = p.scores + row * p.stride;
+  float values[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
+    values[i] = position < tile_end ? scores[position] : 0.0f;
+  }
+  int above = 0;
+  const int bin = threshold_bin<kFilterThreads>(p.hist0 + row * kBins, plan.needed, &above, result, scan_storage);
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+  int selected = 0;
+  int candidates = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
+    const int d0 = digit(routing_key(values[i], position), 0);
+    if (position < tile_end) {
+      selected += d0 > bin ? 1 : 0;
+      candidates += d0 == bin ? 1 : 0;
+    }
+  }
+  // Both counts in one scan: each fits in 16 bits (a tile holds kFilterTile <= 65535 positions).
+  int offsets = 0;
+  int totals = 0;
+  Scan(scan_storage).ExclusiveSum(selected | (candidates << 16), offsets, totals);
+  unsigned* counters = p.counters + row * 4;
+  if (threadIdx.x == 0) {
+    bases[0] = atomicAdd(&counters[0], static_cast<unsigned>(totals & 0xffff));
+    bases[1] = atomicAdd(&counters[1], static_cast<unsigned>(totals >> 16));
+  }
+  __syncthreads();
+  std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
+  std::int32_t* list = p.candidates + row * p.stride;
+  int selected_slot = plan.forced + static_cast<int>(bases[0]) + (offsets & 0xffff);
+  int candidate_slot = static_cast<int>(bases[1]) + (offsets >> 16);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
+    if (position >= tile_end) continue;
+    const std::uint64_t key = routing_key(values[i], position);
+    const int d0 = digit(key, 0);
+    if (d0 > bin) {
+      positions[selected_slot++] = position;
+    } else if (d0 == bin) {
+      list[candidate_slot++] = position;
+      atomicAdd(&histogram[digit(key, 1)], 1u);
+    }
+  }
+  __syncthreads();
+  unsigned* global = p.hist1 + row * kBins;
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    if (histogram[i] != 0) atomicAdd(&global[i], histogram[i]);
+  }
+  (void)above;
+}
+
+constexpr int kFinishItems = 8;           // candidates per thread held in registers on the fast path
+constexpr int kSharedBitmapWords = 4096;  // rows up to 131072 positions sort in shared memory
+
+/// Forced positions, the radix passes after the first over the candidates, counts, padding, and
+/// the routed set rewritten in ascending order. Up to kFinishThreads * kFinishItems candidates
+/// (the usual case) stay in registers for every pass; more take the global-memory path.
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) {
+  using Scan = cub::BlockScan<int, kFinishThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int result[2];
+  __shared__ unsigned histogram[kBins];
+  __shared__ unsigned shared_bitmap[kSharedBitmapWords];
+  __shared__ unsigned next_slot;
+  __shared__ unsigned list_size;
+  const IndexerArgs& a = p.a;
+  const std::int64_t row = blockIdx.x;
+  const int b = static_cast<int>(row / a.tokens);
+  const int t = static_cast<int>(row % a.tokens);
+  const RowPlan plan(a, b, t);
+  std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
+  const int count = min(a.top_k, plan.visible);
+  if (threadIdx.x == 0) a.counts[b * a.counts_stride_b + t * a.counts_stride_t] = count;
+  if (plan.visible <= a.top_k) {
+    for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) positions[i] = i < plan.visible ? i : -1;
+    return;
+  }
+  for (int i = threadIdx.x; i < plan.sink_end; i += blockDim.x) positions[i] = i;
+  for (int i = plan.window_begin + static_cast<int>(threadIdx.x); i < plan.visible; i += blockDim.x) {
+    positions[plan.sink_end + (i - plan.window_begin)] = i;
+  }
+  if (!plan.selects) return;  // sinks and window fill top_k: already in order
+
+  const float* scores = p.scores + row * p.stride;
+  int above = 0;
+  threshold_bin<kFinishThreads>(p.hist0 + row * kBins, plan.needed, &above, result, scan_storage);
+  int remaining = plan.needed - above;  // still to take from the candidates (bin0's members)
+  if (threadIdx.x == 0) next_slot = static_cast<unsigned>(plan.forced + above);
+  int size = static_cast<int>(p.counters[row * 4 + 1]);
+  const std::int32_t* list = p.candidates + row * p.stride;
+  __syncthreads();
+
+  if (remaining > 0 && size <= kFinishThreads * kFinishItems) {
+    // Fast path: every candidate's key in registers; a pass kills those below the threshold bin
+    // and routes those above it. Keys are unique, so after level 5 exactly `remaining` live.
+    std::uint64_t keys[kFinishItems];
+    bool alive[kFinishItems];
+#pragma unroll
+    for (int i = 0; i < kFinishItems; ++i) {
+      const int index = i * kFinishThreads + static_cast<int>(threadIdx.x);
+      alive[i] = index < size;
+      keys[i] = alive[i] ? key_of(scores, list[index]) : 0;
+    }
+    for (int level = 1; remaining > 0; ++level) {
+      if (remaining == size || level > 5) {
+#pragma unroll
+        for (int i = 0; i < kFinishItems; ++i) {
+          if (alive[i]) positions[atomicAdd(&next_slot, 1u)] = routing_key_position(keys[i]);
+        }
+        break;
+      }
+      for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kFinishItems; ++i) {
+        if (alive[i]) atomicAdd(&histogram[digit(keys[i], level)], 1u);
+      }
+      __syncthreads();
+      int level_above = 0;
+      const int bin = threshold_bin<kFinishThreads>(histogram, remaining, &level_above, result, scan_storage);
+#pragma unroll
+      for (int i = 0; i < kFinishItems; ++i) {
+        if (!alive[i]) continue;
+        const int d = digit(keys[i], level);
+        if (d > bin) positions[atomicAdd(&next_slot, 1u)] = routing_key_position(keys[i]);
+        alive[i] = d == bin;
+      }
+      remaining -= level_above;
+      size = static_cast<int>(histogram[bin]);
+      __syncthreads();  // everyone has read histogram[bin] before the next pass clears it
+    }
+  } else if (remaining > 0) {
+    // Global path for large candidate sets (e.g. a plateau of equal scores): the list is
+    // compacted between two workspace buffers, level L writing buffers[L % 2].
+    std::int32_t* buffers[2] = {p.candidates + row * p.stride, p.spare + row * p.stride};
+    const unsigned* level_histogram = p.hist1 + row * kBins;  // the filter pass built level 1's
+    for (int level = 1; remaining > 0; ++level) {
+      if (remaining == size || level > 5) {
+        for (int i = threadIdx.x; i < size; i += blockDim.x) positions[next_slot + i] = list[i];
+        break;
+      }
+      if (level > 1) {
+        for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < size; i += blockDim.x)
+          atomicAdd(&histogram[digit(key_of(scores, list[i]), level)], 1u);
+        __syncthreads();
+        level_histogram = histogram;
+      }
+      int level_above = 0;
+      const int bin = threshold_bin<kFinishThreads>(level_histogram, remaining, &level_above, result, scan_storage);
+      std::int32_t* next = buffers[level % 2];
+      if (threadIdx.x == 0) list_size = 0;
+      __syncthreads();
+      for (int i = threadIdx.x; i < size; i += blockDim.x) {
+        const int position = list[i];
+        const int d = digit(key_of(scores, position), level);
+        if (d > bin) positions[atomicAdd(&next_slot, 1u)] = position;
+        if (d == bin) next[atomicAdd(&list_size, 1u)] = position;
+      }
+      __syncthreads();
+      remaining -= level_above;
+      size = static_cast<int>(list_size);
+      list = next;
+      __syncthreads();
+    }
+  }
+
+  // Rewrite the routed set in ascending position order (deterministic output, ordered gathers):
+  // mark it in a bitmap (shared memory when the row fits), then compact it with a block scan.
+  __syncthreads();
+  const int words = (plan.visible + 31) / 32;
+  unsigned* bitmap = words <= kSharedBitmapWords ? shared_bitmap : p.bitmap + row * (p.stride / 32);
+  if (words <= kSharedBitmapWords) {
+    for (int w = threadIdx.x; w < words; w += blockDim.x) shared_bitmap[w] = 0;
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int position = positions[i];
+    atomicOr(&bitmap[position >> 5], 1u << (position & 31));
+  }
+  __syncthreads();
+  const int per_thread = (words + kFinishThreads - 1) / kFinishThreads;
+  const int first_word = static_cast<int>(threadIdx.x) * per_thread;
+  const int last_word = min(words, first_word + per_thread);
+  int local = 0;
+  for (int w = first_word; w < last_word; ++w) local += __popc(bitmap[w]);
+  int offset = 0;
+  Scan(scan_storage).ExclusiveSum(local, offset);
+  for (int w = first_word; w < last_word; ++w) {
+    unsigned bits = bitmap[w];
+    while (bits != 0) {
+      const int bit = __ffs(static_cast<int>(bits)) - 1;
+      positions[offset++] = w * 32 + bit;
+      bits &= bits - 1;
+    }
+  }
+}
+
+template <auto Kernel>
+void launch_score(const SelectParams& p, dim3 grid, std::size_t shared, cudaStream_t stream) {
+  allow_shared_memory<Kernel>(shared, "cudaFuncSetAttribute (indexer scores)");
+  Kernel<<<grid, kScoreThreads, shared, stream>>>(p);
+  detail::cuda_check_launch("indexer score_kernel");
+}
+
+}  // namespace
+
+int multiprocessor_count() {
+  static const int count = [] {
+    int device = 0;
+    int value = 0;
+    detail::cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+    detail::cuda_check(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device),
+                       "cudaDeviceGetAttribute (multiprocessors)");
+    return value;
+  }();
+  return count;
+}
+
+std::size_t indexer_workspace_bytes(int num_sequences, int tokens, std::int64_t max_length, int heads) {
+  (void)heads;
+  return Workspace(num_sequences * tokens, max_length).end;
+}
+
+void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  const int rows = args.num_sequences * args.tokens;
+  const Workspace w(rows, args.max_length);
+  if (w.end > workspace_bytes)
+    detail::fail(ErrorCode::capacity_exceeded, "index_select: workspace too small (internal)");
+  auto* base = static_cast<unsigned char*>(workspace);
+  SelectParams p{};
+  p.a = args;
+  p.page_shift = log2_exact(args.layout.page_size);
+  p.stride = w.stride;
+  p.scores = reinterpret_cast<float*>(base + w.scores);
+  p.hist0 = reinterpret_cast<unsigned*>(base + w.hist0);
+  p.hist1 = reinterpret_cast<unsigned*>(base + w.hist1);
+  p.counters = reinterpret_cast<unsigned*>(base + w.counters);
+  p.bitmap = reinterpret_cast<unsigned*>(base + w.bitmap);
+  p.candidates = reinterpret_cast<std::int32_t*>(base + w.candidates);
+  p.spare = reinterpret_cast<std::int32_t*>(base + w.spare);
+  detail::cuda_check(cudaMemsetAsync(base + w.memset_begin, 0, w.memset_bytes, stream), "cudaMemsetAsync (indexer)");
+
+  const bool tensor_cores = args.layout.dtype != DType::f32;
+  std::size_t per_row = 0;
+  if (tensor_cores) {
+    p.padded_heads = static_cast<int>(ceil_div(args.heads, 16) * 16);
+    per_row = static_cast<std::size_t>(p.padded_heads) * ((args.dim + 32) * 2 + 4);
+  } else {
+    p.padded_heads = args.heads;
+    per_row = static_cast<std::size_t>(args.heads) * (args.dim + 1) * 4;
+  }
+  p.rows_per_block =
+      static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(args.tokens, kQueryBudget / per_row)));
+  const std::size_t shared = per_row * p.rows_per_block + kBins * 4;
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.max_length, kScoreTile)),
+                  static_cast<unsigned>(args.num_sequences),
+                  static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
+  if (!tensor_cores) {
+    launch_score<score_kernel_f32>(p, grid, shared, stream);
+  } else if (args.layout.dtype == DType::bf16) {
+    if (args.dim == 64) {
+      launch_score<score_kernel_mma<__nv_bfloat16, 64>>(p, grid, shared, stream);
+    } else {
+      launch_score<score_kernel_mma<__nv_bfloat16, 128>>(p, grid, shared, stream);
+    }
+  } else {
+    if (args.dim == 64) {
+      launch_score<score_kernel_mma<__half, 64>>(p, grid, shared, stream);
+    } else {
+      launch_score<score_kernel_mma<__half, 128>>(p, grid, shared, stream);
+    }
+  }
+  filter_kernel<<<dim3(static_cast<unsigned>(ceil_div(args.max_length, kFilterTile)), static_cast<unsigned>(rows)),
+                  kFilterThreads, 0, stream>>>(p);
+  detail::cuda_check_launch("indexer filter_kernel");
+  finish_kernel<<<static_cast<unsigned>(rows), kFinishThreads, 0, stream>>>(p);
+  detail::cuda_check_launch("indexer finish_kernel");
+}
+
+}  // namespace cuda_kernels
+}  // namespace clsa

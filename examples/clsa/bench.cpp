@@ -1,0 +1,459 @@
+// `clsa bench`: one decoding step of an L-layer cross-decoder, timed three ways over the SAME
+// SharedKVCache (dense, per-layer indexer, CLSA) and each component alone, against the fewest
+// bytes each must read and the copy bandwidth measured at start.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "program.hpp"
+
+#if CLSA_PROGRAM_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace clsa_program {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& message) {
+  throw clsa::Error(clsa::ErrorCode::invalid_argument, message);
+}
+
+#if CLSA_PROGRAM_WITH_CUDA
+void cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw clsa::Error(clsa::ErrorCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+#endif
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+/// Times body(iteration) on the device or host: warm-up, then the median of `iterations` runs.
+class Timer {
+ public:
+  Timer(clsa::Device device, int warmup, int iterations) : device_(device), warmup_(warmup), iterations_(iterations) {
+#if CLSA_PROGRAM_WITH_CUDA
+    if (device_.is_cuda()) {
+      cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+      cuda(cudaEventCreate(&start_), "cudaEventCreate");
+      cuda(cudaEventCreate(&stop_), "cudaEventCreate");
+    }
+#endif
+  }
+  ~Timer() {
+#if CLSA_PROGRAM_WITH_CUDA
+    if (device_.is_cuda()) {
+      cudaEventDestroy(start_);
+      cudaEventDestroy(stop_);
+      cudaStreamDestroy(stream_);
+    }
+#endif
+  }
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
+
+  clsa::Stream stream() const {
+#if CLSA_PROGRAM_WITH_CUDA
+    return clsa::Stream(stream_);
+#else
+    return {};
+#endif
+  }
+
+  /// Median seconds of body(i), i counting from 0 over warm-up and timed runs.
+  double seconds(const std::function<void(int)>& body) {
+    std::vector<double> samples;
+    for (int i = 0; i < warmup_ + iterations_; ++i) {
+#if CLSA_PROGRAM_WITH_CUDA
+      if (device_.is_cuda()) {
+        cuda(cudaEventRecord(start_, stream_), "cudaEventRecord");
+        body(i);
+        cuda(cudaEventRecord(stop_, stream_), "cudaEventRecord");
+        cuda(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        float ms = 0.0f;
+        cuda(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+        if (i >= warmup_) samples.push_back(ms * 1e-3);
+        continue;
+      }
+#endif
+      const auto start = std::chrono::steady_clock::now();
+      body(i);
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (i >= warmup_) samples.push_back(elapsed);
+    }
+    return median(samples);
+  }
+
+  /// Same, with body(replica) captured once per replica as a CUDA graph and the graphs replayed
+  /// in turn (what an engine does for decoding steps). Returns a negative value on the CPU.
+  double graph_seconds(int replicas, const std::function<void(int)>& body) {
+#if CLSA_PROGRAM_WITH_CUDA
+    if (!device_.is_cuda()) return -1.0;
+    std::vector<cudaGraphExec_t> graphs;
+    for (int r = 0; r < replicas; ++r) {
+      cudaGraph_t graph = nullptr;
+      cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
+      body(r);
+      cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+      cudaGraphExec_t exec = nullptr;
+      cuda(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+      cuda(cudaGraphDestroy(graph), "cudaGraphDestroy");
+      graphs.push_back(exec);
+    }
+    const double result = seconds([&](int i) {
+      cuda(cudaGraphLaunch(graphs[static_cast<std::size_t>(i % replicas)], stream_), "cudaGraphLaunch");
+    });
+    for (cudaGraphExec_t exec : graphs) cudaGraphExecDestroy(exec);
+    return result;
+#else
+    (void)replicas;
+    (void)body;
+    return -1.0;
+#endif
+  }
+
+  /// Bytes per second of a large device-to-device (or host) copy, counting read + write.
+  double copy_bandwidth() {
+    const std::size_t bytes = device_.is_cuda() ? (std::size_t{1} << 30) : (std::size_t{256} << 20);
+    clsa::Tensor source = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device_);
+    clsa::Tensor target = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device_);
+    const std::size_t copy = bytes * 4;
+    std::vector<int> host_fill(1 << 20, 7);
+    for (std::size_t offset = 0; offset < copy; offset += host_fill.size() * 4) {
+      clsa::copy_bytes(static_cast<char*>(source.view().data()) + offset, device_, host_fill.data(),
+                       clsa::Device::cpu(), std::min(host_fill.size() * 4, copy - offset));
+    }
+    const double s = seconds([&](int) {
+#if CLSA_PROGRAM_WITH_CUDA
+      if (device_.is_cuda()) {
+        cuda(cudaMemcpyAsync(target.view().data(), source.view().data(), copy, cudaMemcpyDeviceToDevice, stream_),
+             "cudaMemcpyAsync");
+        return;
+      }
+#endif
+      std::copy_n(static_cast<const char*>(source.view().data()), copy, static_cast<char*>(target.view().data()));
+    });
+    return 2.0 * static_cast<double>(copy) / s;
+  }
+
+ private:
+  clsa::Device device_;
+  int warmup_, iterations_;
+#if CLSA_PROGRAM_WITH_CUDA
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+#endif
+};
+
+struct Row {
+  std::string method;  // what was timed
+  std::int64_t context;
+  int batch;
+  double seconds;
+  double floor_bytes;  // the fewest bytes the method must read
+  double dense_ratio;  // dense step / this (step rows only)
+  double layer_ratio;  // per-layer-indexer step / this (CLSA rows only)
+};
+
+/// Random cache content for a context: replicas x batch sequences of `context` tokens, appended
+/// in chunks from windows of one random device pool (every chunk distinct, never zeros).
+struct BenchCache {
+  clsa::SharedKVCache cache;
+  std::vector<clsa::SequenceId> ids;
+  BenchCache(const clsa::CacheConfig& config, clsa::Backend backend, int sequences, std::int64_t context,
+             std::mt19937_64& rng)
+      : cache(config, backend) {
+    const clsa::Device device = cache.device();
+    const std::int64_t chunk = std::min<std::int64_t>(4096, context);
+    const std::int64_t row = std::int64_t{config.num_kv_heads} * config.head_dim;
+    const std::int64_t window = chunk * std::max<std::int64_t>(row, config.index_dim);
+    const std::int64_t pool_size = window + (std::int64_t{1} << 20);
+    clsa::Tensor host = clsa::Tensor::empty({pool_size}, config.dtype);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (std::int64_t i = 0; i < pool_size; ++i) {
+      const float x = normal(rng);
+      switch (config.dtype) {
+        case clsa::DType::f32:
+          host.data_as<float>()[i] = x;
+          break;
+        case clsa::DType::f16:
+          host.data_as<clsa::float16>()[i] = clsa::to_float16(x);
+          break;
+        default:
+          host.data_as<clsa::bfloat16>()[i] = clsa::to_bfloat16(x);
+          break;
+      }
+    }
+    const clsa::Tensor pool = device.is_cpu() ? host : host.to(device);
+    const std::size_t element = clsa::dtype_size(config.dtype);
+    std::uniform_int_distribution<std::int64_t> offset(0, (std::int64_t{1} << 20) / 8 - 1);
+    auto window_at = [&](std::int64_t elements, std::initializer_list<std::int64_t> shape) {
+      return clsa::TensorView(
+          static_cast<char*>(pool.view().data()) + elements * 8 * static_cast<std::int64_t>(element), config.dtype,
+          shape, device);
+    };
+    for (int s = 0; s < sequences; ++s) {
+      ids.push_back(cache.add_sequence());
+      for (std::int64_t done = 0; done < context; done += chunk) {
+        const std::int64_t tokens = std::min(chunk, context - done);
+        cache.append(ids.back(), window_at(offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
+                     window_at(offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
+                     window_at(offset(rng), {tokens, config.index_dim}));
+      }
+    }
+    clsa::synchronize();
+  }
+};
+
+clsa::Tensor random_tensor(std::initializer_list<std::int64_t> shape, clsa::DType dtype, clsa::Device device,
+                           std::mt19937_64& rng, float scale = 1.0f) {
+  clsa::Tensor host = clsa::Tensor::empty(shape, dtype);
+  std::normal_distribution<float> normal(0.0f, scale);
+  for (std::int64_t i = 0; i < host.numel(); ++i) {
+    const float x = normal(rng);
+    switch (dtype) {
+      case clsa::DType::f32:
+        host.data_as<float>()[i] = std::abs(x) + 0.01f;  // head weights: positive
+        break;
+      case clsa::DType::f16:
+        host.data_as<clsa::float16>()[i] = clsa::to_float16(x);
+        break;
+      default:
+        host.data_as<clsa::bfloat16>()[i] = clsa::to_bfloat16(x);
+        break;
+    }
+  }
+  return device.is_cpu() ? host : host.to(device);
+}
+
+std::string format_bytes(double bytes) {
+  char text[32];
+  if (bytes >= 1e9) {
+    std::snprintf(text, sizeof text, "%.2f GB", bytes / 1e9);
+  } else {
+    std::snprintf(text, sizeof text, "%.1f MB", bytes / 1e6);
+  }
+  return text;
+}
+
+std::string format_time(double seconds) {
+  char text[32];
+  if (seconds >= 1e-1) {
+    std::snprintf(text, sizeof text, "%.3f s", seconds);
+  } else if (seconds >= 1e-3) {
+    std::snprintf(text, sizeof text, "%.3f ms", seconds * 1e3);
+  } else {
+    std::snprintf(text, sizeof text, "%.1f us", seconds * 1e6);
+  }
+  return text;
+}
+
+}  // namespace
+
+int run_bench(const BenchOptions& options) {
+  const clsa::Backend backend = clsa::resolve_backend(options.backend);
+  const clsa::Device device = clsa::backend_device(backend);
+  const bool on_gpu = device.is_cuda();
+  std::vector<std::int64_t> contexts = options.contexts;
+  std::vector<int> batches = options.batches;
+  if (contexts.empty())
+    contexts = on_gpu ? std::vector<std::int64_t>{8192, 32768, 131072} : std::vector<std::int64_t>{4096, 16384, 32768};
+  if (batches.empty()) batches = on_gpu ? std::vector<int>{1, 8, 32} : std::vector<int>{1, 4};
+  const int iterations = options.iterations > 0 ? options.iterations : (on_gpu ? 30 : 3);
+  const int warmup = on_gpu ? 5 : 1;
+  if (options.q_heads % options.kv_heads != 0) fail("--q-heads must be a multiple of --kv-heads");
+
+  Timer timer(device, warmup, iterations);
+  const double copy_bandwidth = timer.copy_bandwidth();
+  const clsa::Stream stream = timer.stream();
+  std::mt19937_64 rng(options.seed);
+  const std::size_t element = clsa::dtype_size(options.dtype);
+  const double bytes_per_token_kv = 2.0 * options.kv_heads * options.head_dim * static_cast<double>(element);
+  const double bytes_per_token_index = static_cast<double>(options.index_dim) * static_cast<double>(element);
+  const double l2_bytes = 50e6;
+
+  std::printf("libclsa %s bench: backend %s (%s), %s\n", clsa::version(), clsa::backend_name(backend),
+              clsa::device_name(device).c_str(), clsa::dtype_name(options.dtype));
+  std::printf(
+      "shape: L=%d layers, Hq=%d Hkv=%d D=%d, indexer H_idx=%d D_idx=%d top_k=%d; median of %d runs after %d "
+      "warm-up, inputs rotated past the L2\n",
+      options.layers, options.q_heads, options.kv_heads, options.head_dim, options.index_heads, options.index_dim,
+      options.top_k, iterations, warmup);
+  std::printf("measured copy bandwidth (read + write): %.0f GB/s\n\n", copy_bandwidth / 1e9);
+
+  std::vector<Row> rows;
+  std::printf("%-22s %8s %4s %12s %11s %9s %7s %9s %9s\n", "method", "context", "B", "time", "floor", "GB/s", "%copy",
+              "dense/x", "layer/x");
+  for (const std::int64_t context : contexts) {
+    // Replicas so that the data of one timed step exceeds the L2 several times over.
+    int most_sequences = 0;
+    auto replicas_for = [&](int batch) {
+      const double step_bytes = batch * static_cast<double>(context) * (bytes_per_token_kv + bytes_per_token_index);
+      return static_cast<int>(std::max(1.0, std::ceil(4.0 * l2_bytes / step_bytes)));
+    };
+    for (int batch : batches) most_sequences = std::max(most_sequences, batch * replicas_for(batch));
+    clsa::CacheConfig cache_config;
+    cache_config.num_kv_heads = options.kv_heads;
+    cache_config.head_dim = options.head_dim;
+    cache_config.index_dim = options.index_dim;
+    cache_config.page_size = 64;
+    cache_config.dtype = options.dtype;
+    cache_config.max_pages = most_sequences * ((context + 63) / 64);
+    BenchCache data(cache_config, backend, most_sequences, context, rng);
+
+    for (int batch : batches) {
+      const int replicas = replicas_for(batch);
+      std::vector<clsa::CacheBatch> views;
+      for (int r = 0; r < replicas; ++r) {
+        std::vector<clsa::SequenceId> ids(data.ids.begin() + r * batch, data.ids.begin() + (r + 1) * batch);
+        views.push_back(data.cache.batch(ids));
+      }
+      clsa::IndexerConfig indexer_config;
+      indexer_config.num_heads = options.index_heads;
+      indexer_config.index_dim = options.index_dim;
+      indexer_config.top_k = options.top_k;
+      indexer_config.sink_tokens = 4;
+      indexer_config.local_window = 64;
+      indexer_config.scale = 1.0f / std::sqrt(static_cast<float>(options.index_dim));
+      clsa::AttentionConfig attention_config;
+      attention_config.num_q_heads = options.q_heads;
+      attention_config.num_kv_heads = options.kv_heads;
+      attention_config.head_dim = options.head_dim;
+      clsa::CrossLayerIndexer indexer(indexer_config, backend);
+      clsa::SparseCrossAttention sparse(attention_config, backend);
+      clsa::DenseCrossAttention dense(attention_config, backend);
+      indexer.reserve(batch, 1, context);
+      sparse.reserve(batch, 1, options.top_k);
+      dense.reserve(batch, 1, context);
+      const clsa::Tensor q_idx =
+          random_tensor({batch, 1, options.index_heads, options.index_dim}, options.dtype, device, rng);
+      const clsa::Tensor weights = random_tensor({batch, 1, options.index_heads}, clsa::DType::f32, device, rng);
+      std::vector<clsa::Tensor> queries, outputs;
+      for (int l = 0; l < options.layers; ++l) {
+        queries.push_back(
+            random_tensor({batch, 1, options.q_heads, options.head_dim}, options.dtype, device, rng, 0.3f));
+        outputs.push_back(clsa::Tensor::empty({batch, 1, options.q_heads, options.head_dim}, options.dtype, device));
+      }
+      // The routing that attention-only timings use (one per replica, computed once).
+      std::vector<clsa::Tensor> routed_positions, routed_counts;
+      std::vector<clsa::RoutingIndex> routings;
+      for (int r = 0; r < replicas; ++r) {
+        routed_positions.push_back(clsa::Tensor::empty({batch, 1, options.top_k}, clsa::DType::i32, device));
+        routed_counts.push_back(clsa::Tensor::empty({batch, 1}, clsa::DType::i32, device));
+        routings.push_back(clsa::RoutingIndex{routed_positions.back(), routed_counts.back(), options.top_k});
+        indexer.select(views[static_cast<std::size_t>(r)], q_idx, weights, routings.back(), stream);
+      }
+      clsa::synchronize(stream);
+
+      const double routed = static_cast<double>(std::min<std::int64_t>(options.top_k, context));
+      const double index_bytes = batch * static_cast<double>(context) * bytes_per_token_index;
+      const double sparse_bytes = batch * routed * bytes_per_token_kv;
+      const double dense_bytes = batch * static_cast<double>(context) * bytes_per_token_kv;
+      const int L = options.layers;
+      auto view_of = [&](int i) -> const clsa::CacheBatch& { return views[static_cast<std::size_t>(i % replicas)]; };
+      auto clsa_step = [&](int i) {
+        const clsa::RoutingIndex routing = indexer.select(view_of(i), q_idx, weights, stream);
+        for (int l = 0; l < L; ++l) {
+          sparse.forward(view_of(i), routing, queries[static_cast<std::size_t>(l)],
+                         outputs[static_cast<std::size_t>(l)], stream);
+        }
+      };
+      auto per_layer_step = [&](int i) {
+        for (int l = 0; l < L; ++l) {
+          const clsa::RoutingIndex routing = indexer.select(view_of(i), q_idx, weights, stream);
+          sparse.forward(view_of(i), routing, queries[static_cast<std::size_t>(l)],
+                         outputs[static_cast<std::size_t>(l)], stream);
+        }
+      };
+      auto dense_step = [&](int i) {
+        for (int l = 0; l < L; ++l) {
+          dense.forward(view_of(i), queries[static_cast<std::size_t>(l)], outputs[static_cast<std::size_t>(l)], stream);
+        }
+      };
+      const double t_indexer = timer.seconds([&](int i) { indexer.select(view_of(i), q_idx, weights, stream); });
+      const double t_sparse = timer.seconds([&](int i) {
+        sparse.forward(view_of(i), routings[static_cast<std::size_t>(i % replicas)], queries[0], outputs[0], stream);
+      });
+      const double t_dense_layer =
+          timer.seconds([&](int i) { dense.forward(view_of(i), queries[0], outputs[0], stream); });
+      const double t_clsa = timer.seconds(clsa_step);
+      const double t_clsa_graph = timer.graph_seconds(replicas, clsa_step);
+      const double t_per_layer = timer.seconds(per_layer_step);
+      const double t_dense = timer.seconds(dense_step);
+      const double clsa_best = t_clsa_graph > 0 ? std::min(t_clsa, t_clsa_graph) : t_clsa;
+
+      const std::vector<Row> block = {
+          {"indexer (select)", context, batch, t_indexer, index_bytes, 0, 0},
+          {"sparse layer", context, batch, t_sparse, sparse_bytes, 0, 0},
+          {"dense layer", context, batch, t_dense_layer, dense_bytes, 0, 0},
+          {"dense step", context, batch, t_dense, L * dense_bytes, 1.0, 0},
+          {"per-layer step", context, batch, t_per_layer, L * (index_bytes + sparse_bytes), t_dense / t_per_layer, 0},
+          {"clsa step", context, batch, t_clsa, index_bytes + L * sparse_bytes, t_dense / t_clsa, t_per_layer / t_clsa},
+      };
+      std::vector<Row> all = block;
+      if (t_clsa_graph > 0) {
+        all.push_back({"clsa step (graph)", context, batch, t_clsa_graph, index_bytes + L * sparse_bytes,
+                       t_dense / t_clsa_graph, t_per_layer / t_clsa_graph});
+      }
+      (void)clsa_best;
+      for (const Row& row : all) {
+        const double rate = row.floor_bytes / row.seconds;
+        char dense_ratio[16] = "", layer_ratio[16] = "";
+        if (row.dense_ratio > 0) std::snprintf(dense_ratio, sizeof dense_ratio, "%.1fx", row.dense_ratio);
+        if (row.layer_ratio > 0) std::snprintf(layer_ratio, sizeof layer_ratio, "%.1fx", row.layer_ratio);
+        std::printf("%-22s %8lld %4d %12s %11s %9.0f %6.1f%% %9s %9s\n", row.method.c_str(),
+                    static_cast<long long>(row.context), row.batch, format_time(row.seconds).c_str(),
+                    format_bytes(row.floor_bytes).c_str(), rate / 1e9, 100.0 * rate / copy_bandwidth, dense_ratio,
+                    layer_ratio);
+        rows.push_back(row);
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  }
+
+  auto rate = [&](const Row& row) { return row.floor_bytes / row.seconds; };
+  if (!options.json.empty()) {
+    std::ofstream out(options.json);
+    out << "{\n  \"version\": \"" << clsa::version() << "\",\n  \"backend\": \"" << clsa::backend_name(backend)
+        << "\",\n  \"device\": \"" << clsa::device_name(device) << "\",\n  \"dtype\": \""
+        << clsa::dtype_name(options.dtype) << "\",\n  \"copy_bandwidth_bytes_per_s\": " << copy_bandwidth
+        << ",\n  \"shape\": {\"layers\": " << options.layers << ", \"q_heads\": " << options.q_heads
+        << ", \"kv_heads\": " << options.kv_heads << ", \"head_dim\": " << options.head_dim
+        << ", \"index_heads\": " << options.index_heads << ", \"index_dim\": " << options.index_dim
+        << ", \"top_k\": " << options.top_k << "},\n  \"rows\": [\n";
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const Row& row = rows[i];
+      out << "    {\"method\": \"" << row.method << "\", \"context\": " << row.context << ", \"batch\": " << row.batch
+          << ", \"seconds\": " << row.seconds << ", \"floor_bytes\": " << row.floor_bytes
+          << ", \"bytes_per_s\": " << rate(row) << ", \"copy_fraction\": " << rate(row) / copy_bandwidth
+          << ", \"dense_over_this\": " << row.dense_ratio << ", \"per_layer_over_this\": " << row.layer_ratio << "}"
+          << (i + 1 < rows.size() ? ",\n" : "\n");
+    }
+    out << "  ]\n}\n";
+    if (!out) fail("could not write " + options.json);
+  }
+  if (!options.csv.empty()) {
+    std::ofstream out(options.csv);
+    out << "method,context,batch,seconds,floor_bytes,bytes_per_s,copy_fraction,dense_over_this,per_layer_over_this\n";
+    for (const Row& row : rows) {
+      out << row.method << ',' << row.context << ',' << row.batch << ',' << row.seconds << ',' << row.floor_bytes << ','
+          << rate(row) << ',' << rate(row) / copy_bandwidth << ',' << row.dense_ratio << ',' << row.layer_ratio << '\n';
+    }
+    if (!out) fail("could not write " + options.csv);
+  }
+  return 0;
+}
+
+}  // namespace clsa_program

@@ -1,0 +1,45 @@
+// The `clsa` program's subcommands.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "clsa/clsa.hpp"
+
+namespace clsa_program {
+
+struct DemoOptions {
+  clsa::Backend backend = clsa::Backend::automatic;
+  std::int64_t context = 4096;
+  int top_k = 256;
+  int layers = 4;
+  int steps = 6;
+  std::uint64_t seed = 1;
+};
+
+int run_demo(const DemoOptions& options);
+
+struct BenchOptions {
+  clsa::Backend backend = clsa::Backend::automatic;
+  std::vector<std::int64_t> contexts;  // empty: 8K, 32K, 128K on a GPU; 4K, 16K, 32K on the CPU
+  std::vector<int> batches;            // empty: 1, 8, 32 on a GPU; 1, 4 on the CPU
+  int layers = 16;
+  int q_heads = 32;
+  int kv_heads = 8;
+  int head_dim = 128;
+  int index_heads = 16;
+  int index_dim = 128;
+  int top_k = 2048;
+  clsa::DType dtype = clsa::DType::bf16;
+  int iterations = 0;  // 0: 30 on a GPU, 3 on the CPU
+  std::string json, csv;
+  std::uint64_t seed = 1;
+};
+
+int run_bench(const BenchOptions& options);
+
+/// Parses "automatic", "cpu" or "cuda".
+clsa::Backend parse_backend(const std::string& name);
+
+}  // namespace clsa_program

@@ -1,0 +1,71 @@
+// Cross-attention of query tokens over the shared cache: sparse over routed tokens (CLSA) or
+// dense over every visible token (the YOCO baseline and the exact path).
+#pragma once
+
+#include <memory>
+
+#include "clsa/cache.hpp"
+#include "clsa/indexer.hpp"
+#include "clsa/tensor.hpp"
+#include "clsa/types.hpp"
+
+namespace clsa {
+
+struct AttentionConfig {
+  int num_q_heads = 32;        // a multiple of num_kv_heads (GQA group = num_q_heads / num_kv_heads)
+  int num_kv_heads = 8;        // equal to the cache's
+  int head_dim = 128;          // equal to the cache's: 64, 128 or 256
+  float softmax_scale = 0.0f;  // 0 selects 1/sqrt(head_dim)
+};
+
+/// out[b,t,h,:] = sum_p softmax_p(scale * q[b,t,h,:] . K[p, h/G, :]) * V[p, h/G, :] over the
+/// routed positions p of query token (b,t). Optionally lse[b,t,h] = log sum_p exp(scale * q.K[p]).
+/// One object may serve every layer (its configuration is the shape, not the weights).
+class SparseCrossAttention {
+ public:
+  explicit SparseCrossAttention(const AttentionConfig& config, Backend backend = Backend::automatic);
+  ~SparseCrossAttention();
+  SparseCrossAttention(SparseCrossAttention&&) noexcept;
+  SparseCrossAttention& operator=(SparseCrossAttention&&) noexcept;
+
+  const AttentionConfig& config() const;
+  Backend backend() const;
+  Device device() const;
+
+  /// Sizes the workspace so that forward() allocates nothing for batches up to these bounds.
+  void reserve(int max_sequences, int max_tokens, int top_k);
+
+  /// q and out [B, T, num_q_heads, head_dim] of the cache's dtype; lse (optional) f32 [B, T,
+  /// num_q_heads]; routing from CrossLayerIndexer::select over the same batch.
+  void forward(const CacheBatch& batch, const RoutingIndex& routing, const TensorView& q, const TensorView& out,
+               Stream stream = {}, const TensorView& lse = {});
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+/// Full causal attention over the same cache: query t of a sequence of length n attends to
+/// positions 0..n-T+t. Same tensors and rules as SparseCrossAttention, without routing.
+class DenseCrossAttention {
+ public:
+  explicit DenseCrossAttention(const AttentionConfig& config, Backend backend = Backend::automatic);
+  ~DenseCrossAttention();
+  DenseCrossAttention(DenseCrossAttention&&) noexcept;
+  DenseCrossAttention& operator=(DenseCrossAttention&&) noexcept;
+
+  const AttentionConfig& config() const;
+  Backend backend() const;
+  Device device() const;
+
+  void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
+
+  void forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream = {},
+               const TensorView& lse = {});
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace clsa

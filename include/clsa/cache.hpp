@@ -1,0 +1,157 @@
+// SharedKVCache: the ONE paged cache of keys, values and indexer keys that every cross-decoder
+// layer reads; CacheBatch: the page tables of a batch of its sequences, as kernels consume them.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <vector>
+
+#include "clsa/tensor.hpp"
+#include "clsa/types.hpp"
+
+namespace clsa {
+
+struct CacheConfig {
+  int num_kv_heads = 8;
+  int head_dim = 128;          // 64, 128 or 256
+  int index_dim = 128;         // indexer key dimension D_idx: 64 or 128
+  int page_size = 64;          // tokens per page, a power of two
+  std::int64_t max_pages = 0;  // pool size; capacity = max_pages * page_size tokens in all
+  DType dtype = DType::bf16;   // of K, V and indexer keys: f32, f16 or bf16
+};
+
+/// Handle of one sequence in a SharedKVCache. Ids are never reused by a cache.
+enum class SequenceId : std::int64_t {};
+
+struct MemoryStats {
+  std::int64_t pages_total = 0;
+  std::int64_t pages_used = 0;
+  std::int64_t pages_free = 0;
+  std::int64_t sequences = 0;
+  std::int64_t tokens = 0;                // tokens stored over all sequences
+  std::size_t kv_bytes_per_token = 0;     // K and V of all kv heads
+  std::size_t index_bytes_per_token = 0;  // the indexer key
+  std::size_t bytes_per_token = 0;        // the two above: what one cached token costs, once
+  std::size_t pool_bytes = 0;             // device (or host) memory held by the pool
+  /// What per-layer K/V caches (one per cross-decoder layer, as in a plain decoder) would hold
+  /// for the same tokens: tokens * kv_bytes_per_token * layers.
+  std::size_t per_layer_cache_bytes(int layers) const {
+    return static_cast<std::size_t>(tokens) * kv_bytes_per_token * static_cast<std::size_t>(layers);
+  }
+  /// What this shared cache holds for them: tokens * bytes_per_token.
+  std::size_t shared_cache_bytes() const { return static_cast<std::size_t>(tokens) * bytes_per_token; }
+};
+
+/// Where a paged pool's entries are. Element (page p, token slot o, kv head h, dim d) of K is at
+/// k + p*k_page_stride + o*k_token_stride + h*k_head_stride + d (strides in elements); V likewise;
+/// indexer key (p, o, d) at index_keys + p*index_page_stride + o*index_token_stride + d.
+/// libclsa's own pools are token-major: [page][token][kv_head][head_dim] (a routed token's K of
+/// all heads is one contiguous row) and [page][token][index_dim].
+struct PagedCacheLayout {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* index_keys = nullptr;
+  DType dtype = DType::bf16;
+  Device device{};
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int index_dim = 0;
+  int page_size = 0;
+  std::int64_t num_pages = 0;
+  std::int64_t k_page_stride = 0, k_token_stride = 0, k_head_stride = 0;
+  std::int64_t v_page_stride = 0, v_token_stride = 0, v_head_stride = 0;
+  std::int64_t index_page_stride = 0, index_token_stride = 0;
+};
+
+namespace detail {
+struct BatchStorage;
+}
+
+/// The sequences of one batch, as the kernels see them: per sequence its length and its pages
+/// (CSR: page_indptr[B+1] into page_indices). Tables live on the cache's device; lengths are
+/// also kept on the host. Cheap to copy (shares its storage).
+class CacheBatch {
+ public:
+  CacheBatch() = default;
+
+  const PagedCacheLayout& layout() const { return layout_; }
+  Device device() const { return layout_.device; }
+  int num_sequences() const { return num_sequences_; }
+  /// Host copy of the lengths, [num_sequences].
+  const std::int32_t* lengths() const { return host_lengths_; }
+  std::int64_t length(int sequence) const { return host_lengths_[sequence]; }
+  /// Largest length in the batch (kernels size their grids and workspaces by it).
+  std::int64_t max_length() const { return max_length_; }
+  /// Tables on device(): lengths [B], page_indptr [B+1], page_indices [page_indptr[B]].
+  const std::int32_t* device_lengths() const { return device_lengths_; }
+  const std::int32_t* device_page_indptr() const { return device_page_indptr_; }
+  const std::int32_t* device_page_indices() const { return device_page_indices_; }
+
+ private:
+  friend class SharedKVCache;
+  PagedCacheLayout layout_{};
+  int num_sequences_ = 0;
+  std::int64_t max_length_ = 0;
+  const std::int32_t* host_lengths_ = nullptr;
+  const std::int32_t* device_lengths_ = nullptr;
+  const std::int32_t* device_page_indptr_ = nullptr;
+  const std::int32_t* device_page_indices_ = nullptr;
+  std::shared_ptr<detail::BatchStorage> storage_;
+};
+
+/// One paged K/V/indexer-key cache shared by all cross-decoder layers.
+///
+/// Thread safety: distinct sequences may be added, appended to, released and read from several
+/// host threads at once; one sequence must not be appended to from two threads at once (that
+/// raises Error(invalid_argument)). batch() may run concurrently with appends to other sequences.
+class SharedKVCache {
+ public:
+  /// Allocates the page pool on the backend's device (all of it, once).
+  explicit SharedKVCache(const CacheConfig& config, Backend backend = Backend::automatic);
+  ~SharedKVCache();
+  SharedKVCache(SharedKVCache&&) noexcept;
+  SharedKVCache& operator=(SharedKVCache&&) noexcept;
+  SharedKVCache(const SharedKVCache&) = delete;
+  SharedKVCache& operator=(const SharedKVCache&) = delete;
+
+  const CacheConfig& config() const;
+  Backend backend() const;
+  Device device() const;
+  PagedCacheLayout layout() const;
+
+  SequenceId add_sequence();
+  /// Returns the sequence's pages to the pool. Throws for an unknown id.
+  void release(SequenceId sequence);
+  bool contains(SequenceId sequence) const;
+  std::int64_t length(SequenceId sequence) const;
+  /// Page indices of the sequence, in position order.
+  std::vector<std::int32_t> pages(SequenceId sequence) const;
+
+  /// Appends T tokens: k and v [T, num_kv_heads, head_dim], index_keys [T, index_dim], all of the
+  /// cache's dtype, on its device, innermost stride 1. All-or-nothing: on any error (bad tensor,
+  /// unknown sequence, too few free pages) the cache is left exactly as it was. On CUDA the copy
+  /// is enqueued on `stream`.
+  void append(SequenceId sequence, const TensorView& k, const TensorView& v, const TensorView& index_keys,
+              Stream stream = {});
+
+  /// The page tables of `sequences` (in that order) for the kernels. Allocates its tables.
+  CacheBatch batch(Span<SequenceId> sequences, Stream stream = {}) const;
+  CacheBatch batch(std::initializer_list<SequenceId> sequences, Stream stream = {}) const {
+    return batch(Span<SequenceId>(sequences.begin(), sequences.size()), stream);
+  }
+  /// Refills `reuse` for `sequences`, allocating only when its tables must grow: with a batch
+  /// sized once, a decoding loop allocates nothing here. On CUDA the tables are copied on `stream`.
+  void batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const;
+  void batch(std::initializer_list<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const {
+    batch(Span<SequenceId>(sequences.begin(), sequences.size()), reuse, stream);
+  }
+
+  MemoryStats memory() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace clsa

@@ -1,0 +1,70 @@
+// CrossLayerIndexer: one lightning-indexer pass and one top-k per decoding step; the RoutingIndex
+// it returns is reused by every cross-decoder layer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "clsa/cache.hpp"
+#include "clsa/tensor.hpp"
+#include "clsa/types.hpp"
+
+namespace clsa {
+
+struct IndexerConfig {
+  int num_heads = 16;    // H_idx
+  int index_dim = 128;   // D_idx, equal to the cache's index_dim
+  int top_k = 2048;      // tokens routed per query token (fewer when fewer are visible)
+  int sink_tokens = 0;   // the first positions, always routed (counted inside top_k)
+  int local_window = 0;  // the most recent visible positions, always routed (inside top_k)
+  float scale = 1.0f;    // > 0; score = scale * sum_h w[h] * ReLU(q_idx[h] . k_idx[s])
+};
+
+/// The routed tokens of every query token of a batch: positions [B, T, top_k] (int32; row (b,t)
+/// holds counts[b,t] distinct positions in ascending order, then -1) and counts [B, T] (int32).
+/// Both on the indexer's device. The same inputs give the same index on every backend and run.
+struct RoutingIndex {
+  TensorView positions;
+  TensorView counts;
+  int top_k = 0;
+
+  bool defined() const { return positions.defined(); }
+  int num_sequences() const { return static_cast<int>(positions.size(0)); }
+  int tokens() const { return static_cast<int>(positions.size(1)); }
+};
+
+/// Scores every visible cached token for every query token and keeps the top_k:
+///   score[b,t,s] = scale * sum_h w[b,t,h] * ReLU(q_idx[b,t,h,:] . k_idx[b,s,:])
+/// Query t of a sequence of length n sits at position n-T+t and sees positions 0..n-T+t. The
+/// sink_tokens first and local_window last visible positions are always routed; the rest are the
+/// highest scores, ties to the lower position, NaN below every finite score and -inf.
+class CrossLayerIndexer {
+ public:
+  explicit CrossLayerIndexer(const IndexerConfig& config, Backend backend = Backend::automatic);
+  ~CrossLayerIndexer();
+  CrossLayerIndexer(CrossLayerIndexer&&) noexcept;
+  CrossLayerIndexer& operator=(CrossLayerIndexer&&) noexcept;
+
+  const IndexerConfig& config() const;
+  Backend backend() const;
+  Device device() const;
+
+  /// Sizes the workspace and the owned RoutingIndex for batches up to these bounds, so that
+  /// select() allocates nothing (required before capturing select() in a CUDA graph).
+  void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
+
+  /// q_idx [B, T, num_heads, index_dim] of the cache's dtype; head_weights [B, T, num_heads] of
+  /// any float dtype. The returned index lives in this indexer and stays valid until its next
+  /// select(); it is computed once per step and passed to every layer.
+  RoutingIndex select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
+                      Stream stream = {});
+  /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T]).
+  void select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights, const RoutingIndex& out,
+              Stream stream = {});
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace clsa

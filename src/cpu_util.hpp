@@ -1,0 +1,39 @@
+// Small CPU-side helpers shared by the components: dtype dispatch and tensor widening.
+#pragma once
+
+#include <cstdint>
+
+#include "check.hpp"
+#include "clsa/numeric.hpp"
+#include "clsa/tensor.hpp"
+
+namespace clsa {
+namespace detail {
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+/// Calls body(TypeTag<Elem>{}) with Elem the storage type of a float dtype.
+template <class Body>
+decltype(auto) dispatch_float(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::f32:
+      return body(TypeTag<float>{});
+    case DType::f16:
+      return body(TypeTag<float16>{});
+    case DType::bf16:
+      return body(TypeTag<bfloat16>{});
+    case DType::i32:
+      break;
+  }
+  fail(ErrorCode::dtype_mismatch, "expected a float dtype, got i32");
+}
+
+/// Copies a host float tensor of any float dtype and strides (innermost stride 1) into a
+/// contiguous f32 array of numel() entries, in row-major order.
+void widen_to_f32(const TensorView& tensor, float* out);
+
+}  // namespace detail
+}  // namespace clsa

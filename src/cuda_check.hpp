@@ -1,0 +1,18 @@
+// Error checking of CUDA runtime calls (only in builds with CUDA).
+#pragma once
+
+#if CLSA_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+namespace clsa {
+namespace detail {
+
+/// Throws Error(cuda_error) naming `what` and the CUDA error when `status` is not cudaSuccess.
+void cuda_check(cudaError_t status, const char* what);
+
+/// cudaGetLastError after a launch, reported like cuda_check.
+void cuda_check_launch(const char* kernel);
+
+}  // namespace detail
+}  // namespace clsa
+#endif
