@@ -5,10 +5,11 @@
 //                  (16-byte loads), mma.sync m16n8k16 with the queries' heads as M, writes the
 //                  f32 scores and adds the top 11 bits of each candidate's key to hist0[row].
 //   filter_kernel  grid (position tiles, rows): finds the threshold bin of hist0, writes the
-//                  positions above it, compacts the threshold bin's members, builds hist1.
+//                  positions above it, compacts the bin's members (as routing keys), builds hist1.
 //   finish_kernel  one CTA per row: sinks and window, then the remaining radix passes over the
-//                  (usually small) candidate list, down to the position bits (ties to the lower
-//                  position), the -1 padding, and the routed set rewritten in ascending order.
+//                  (usually small) candidate set, down to the position bits (ties to the lower
+//                  position), the -1 padding, and the routed set rewritten in ascending order;
+//                  it leaves the row's histograms and counters zero for the next call.
 //
 // The routing key of a candidate is the 64-bit (score_key(score) << 32 | ~position): unique, so the
 // selected set is exactly the CPU's. Candidate lists live in the workspace with room for every
@@ -32,7 +33,6 @@ constexpr int kScoreTile = kTokensPerWarp * kScoreThreads / 32;  // 256 position
 constexpr int kQueryBudget = 32 * 1024;                          // shared memory for queries
 constexpr int kFilterThreads = 256;
 constexpr int kFilterTile = 4096;
-constexpr int kFinishThreads = 512;
 
 /// Workspace layout (all offsets 256-byte aligned).
 struct Workspace {
@@ -51,8 +51,8 @@ struct Workspace {
     counters = hist1 + r * kBins * 4;
     bitmap = counters + r * 4 * 4;
     candidates = align(bitmap + r * static_cast<std::size_t>(stride / 32) * 4);
-    spare = align(candidates + r * row_bytes);
-    end = align(spare + r * row_bytes);
+    spare = align(candidates + 2 * r * row_bytes);  // 64-bit keys
+    end = align(spare + 2 * r * row_bytes);
     memset_begin = hist0;
     memset_bytes = candidates - hist0;
   }
@@ -64,13 +64,13 @@ struct SelectParams {
   int rows_per_block;  // query tokens per score CTA (grid.z = ceil(T / rows_per_block))
   int padded_heads;    // heads rounded up to 16 (mma path)
   std::int64_t stride;
-  float* scores;             // [rows][stride]
-  unsigned* hist0;           // [rows][kBins]
-  unsigned* hist1;           // [rows][kBins]
-  unsigned* counters;        // [rows][4]: selected above the threshold bin, candidates
-  unsigned* bitmap;          // [rows][stride / 32]: the routed set, to write it in position order
-  std::int32_t* candidates;  // [rows][stride]
-  std::int32_t* spare;       // [rows][stride]
+  float* scores;              // [rows][stride]
+  unsigned* hist0;            // [rows][kBins]
+  unsigned* hist1;            // [rows][kBins]
+  unsigned* counters;         // [rows][4]: selected above the threshold bin, candidates
+  unsigned* bitmap;           // [rows][stride / 32]: the routed set, to write it in position order
+  std::uint64_t* candidates;  // [rows][stride]: routing keys of the threshold bin's members
+  std::uint64_t* spare;       // [rows][stride]
 };
 
 /// What a query row must do: its visible length and the candidate range between sinks and window.
@@ -92,10 +92,6 @@ __device__ __forceinline__ float relu_keep_nan(float x) {
   return x < 0.0f ? 0.0f : x;
 }
 
-__device__ __forceinline__ std::uint64_t key_of(const float* scores, int position) {
-  return routing_key(scores[position], position);
-}
-
 /// Radix digit `level` of a routing key: 11, 11, 10 bits of the score key, then 11, 11, 10 bits
 /// of the position part.
 __device__ __forceinline__ int digit(std::uint64_t key, int level) {
@@ -115,41 +111,57 @@ __device__ __forceinline__ int digit(std::uint64_t key, int level) {
   }
 }
 
+/// A histogram's bins as one thread of a block holds them for threshold_bin: kBins / Threads
+/// consecutive bins, in descending bin order.
+template <int Threads>
+struct HistogramSlice {
+  int counts[kBins / Threads];
+  __device__ void load(const unsigned* histogram) {
+#pragma unroll
+    for (int i = 0; i < kBins / Threads; ++i) {
+      counts[i] = static_cast<int>(histogram[kBins - 1 - (threadIdx.x * (kBins / Threads) + i)]);
+    }
+  }
+};
+
 /// Threshold bin of a histogram: the bin where, counting from the top, `needed` is reached.
 /// Returns the bin and, in `above`, how many lie in higher bins. Every thread of the block gets
 /// the answer. `shared_result` holds two ints.
 template <int Threads>
-__device__ int threshold_bin(const unsigned* histogram, int needed, int* above, int* shared_result,
+__device__ int threshold_bin(const HistogramSlice<Threads>& slice, int needed, int* above, int* shared_result,
                              typename cub::BlockScan<int, Threads>::TempStorage& scan_storage) {
   constexpr int kPerThread = kBins / Threads;
   if (threadIdx.x == 0) {
     shared_result[0] = 0;  // only reached if the histogram holds fewer than `needed` (a bug)
     shared_result[1] = 0;
   }
-  __syncthreads();
-  int counts[kPerThread];
   int local = 0;
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    counts[i] = static_cast<int>(histogram[kBins - 1 - (threadIdx.x * kPerThread + i)]);  // descending bins
-    local += counts[i];
-  }
+  for (int i = 0; i < kPerThread; ++i) local += slice.counts[i];
   int before = 0;
-  cub::BlockScan<int, Threads>(scan_storage).ExclusiveSum(local, before);
+  cub::BlockScan<int, Threads>(scan_storage).ExclusiveSum(local, before);  // its barrier orders the reset
   int running = before;
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    if (running < needed && running + counts[i] >= needed) {
+    if (running < needed && running + slice.counts[i] >= needed) {
       shared_result[0] = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
       shared_result[1] = running;
     }
-    running += counts[i];
+    running += slice.counts[i];
   }
   __syncthreads();
   *above = shared_result[1];
   const int bin = shared_result[0];
   __syncthreads();
   return bin;
+}
+
+template <int Threads>
+__device__ int threshold_bin(const unsigned* histogram, int needed, int* above, int* shared_result,
+                             typename cub::BlockScan<int, Threads>::TempStorage& scan_storage) {
+  HistogramSlice<Threads> slice;
+  slice.load(histogram);
+  return threshold_bin<Threads>(slice, needed, above, shared_result, scan_storage);
 }
 
 // ---------------------------------------------------------------- score pass
@@ -232,18 +244,24 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
   constexpr int kVectors = DIM / 32;  // 16-byte loads per lane per token
   const int head_tiles = padded / 16;
   const int warp_begin = tile_begin + warp * kTokensPerWarp;
+  // This lane's key rows in all of the warp's n-tiles, resolved up front (independent page-table
+  // reads) so that the key loads never wait on a lookup; nullptr past the sequence's end.
+  constexpr int kTiles = kTokensPerWarp / 8;
+  const Elem* key_rows[kTiles];
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile) {
+    const int position = warp_begin + tile * 8 + group;
+    key_rows[tile] = position < length ? keys + paged.page(position) * layout.index_page_stride +
+                                             paged.slot(position) * layout.index_token_stride + quad * 8
+                                       : nullptr;
+  }
   auto load_step = [&](int n0, uint4(&raw)[2][kVectors]) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int position = warp_begin + n0 + half * 8 + group;
+      const Elem* row = key_rows[n0 / 8 + half];
 #pragma unroll
-      for (int v = 0; v < kVectors; ++v) raw[half][v] = make_uint4(0, 0, 0, 0);
-      if (position < length) {
-        const Elem* row = keys + paged.page(position) * layout.index_page_stride +
-                          paged.slot(position) * layout.index_token_stride + quad * 8;
-#pragma unroll
-        for (int v = 0; v < kVectors; ++v) raw[half][v] = load_vector(row + v * 32);
-      }
+      for (int v = 0; v < kVectors; ++v)
+        raw[half][v] = row != nullptr ? load_vector(row + v * 32) : make_uint4(0, 0, 0, 0);
     }
   };
   uint4 next[2][kVectors];
@@ -421,10 +439,27 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
 
 // ---------------------------------------------------------------- selection
 
+constexpr int kFinishThreads = 512;
+constexpr int kFinishKeys = 4096;                           // candidates the fast paths hold
+constexpr int kFinishItems = kFinishKeys / kFinishThreads;  // per thread, in registers
+constexpr int kSharedBitmapWords = kFinishKeys * 2;         // rows up to 262144 sort in shared memory
+
+/// Slot for each lane with `predicate` from one atomicAdd per warp (all 32 lanes must call it):
+/// a single shared counter takes far fewer, uncontended atomics than one per element.
+__device__ __forceinline__ unsigned warp_slot(unsigned* counter, bool predicate) {
+  const unsigned mask = __ballot_sync(kFullMask, predicate);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int leader = __ffs(static_cast<int>(mask)) - 1;
+  unsigned base = 0;
+  if (mask != 0 && lane == leader) base = atomicAdd(counter, static_cast<unsigned>(__popc(mask)));
+  base = __shfl_sync(kFullMask, base, leader < 0 ? 0 : leader);
+  return base + static_cast<unsigned>(__popc(mask & ((1u << lane) - 1u)));
+}
+
 /// Above-threshold positions of a tile go straight to the output; the threshold bin's members
-/// become candidates, and hist1 counts their next digit. Each thread keeps its kItems scores in
-/// registers; one block scan gives every thread its output slots, so each CTA makes two global
-/// atomics in all.
+/// become candidates (as routing keys), and hist1 counts their next digit. Each thread keeps its
+/// kItems scores in registers; one block scan gives every thread its output slots, so each CTA
+/// makes two global atomics in all.
 __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) {
   using Scan = cub::BlockScan<int, kFilterThreads>;
   constexpr int kItems = kFilterTile / kFilterThreads;
@@ -472,7 +507,7 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) 
   }
   __syncthreads();
   std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
-  std::int32_t* list = p.candidates + row * p.stride;
+  std::uint64_t* list = p.candidates + row * p.stride;
   int selected_slot = plan.forced + static_cast<int>(bases[0]) + (offsets & 0xffff);
   int candidate_slot = static_cast<int>(bases[1]) + (offsets >> 16);
 #pragma unroll
@@ -484,7 +519,7 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) 
     if (d0 > bin) {
       positions[selected_slot++] = position;
     } else if (d0 == bin) {
-      list[candidate_slot++] = position;
+      list[candidate_slot++] = key;
       atomicAdd(&histogram[digit(key, 1)], 1u);
     }
   }
@@ -496,20 +531,60 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) 
   (void)above;
 }
 
-constexpr int kFinishItems = 8;           // candidates per thread held in registers on the fast path
-constexpr int kSharedBitmapWords = 4096;  // rows up to 131072 positions sort in shared memory
+struct FinishShared {
+  cub::BlockScan<int, kFinishThreads>::TempStorage scan;
+  int result[2];
+  unsigned histogram[kBins];
+  std::uint64_t keys[kFinishKeys];  // the fast paths' keys, then the bitmap of the sort
+  unsigned next_slot;
+  unsigned list_size;
+};
 
-/// Forced positions, the radix passes after the first over the candidates, counts, padding, and
-/// the routed set rewritten in ascending order. Up to kFinishThreads * kFinishItems candidates
-/// (the usual case) stay in registers for every pass; more take the global-memory path.
+/// Radix levels `level`.. over `size` live keys held kFinishItems per thread in registers: each
+/// level routes the keys above its threshold bin and keeps the bin's. Keys are unique, so after
+/// level 5 exactly `remaining` live.
+__device__ void finish_in_registers(std::uint64_t (&keys)[kFinishItems], bool (&alive)[kFinishItems], int level,
+                                    int size, int remaining, std::int32_t* positions, FinishShared& sh) {
+  for (; remaining > 0; ++level) {
+    if (remaining == size || level > 5) {
+#pragma unroll
+      for (int i = 0; i < kFinishItems; ++i) {
+        const unsigned routed = warp_slot(&sh.next_slot, alive[i]);
+        if (alive[i]) positions[routed] = routing_key_position(keys[i]);
+      }
+      return;
+    }
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sh.histogram[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kFinishItems; ++i) {
+      if (alive[i]) atomicAdd(&sh.histogram[digit(keys[i], level)], 1u);
+    }
+    __syncthreads();
+    int level_above = 0;
+    const int bin = threshold_bin<kFinishThreads>(sh.histogram, remaining, &level_above, sh.result, sh.scan);
+#pragma unroll
+    for (int i = 0; i < kFinishItems; ++i) {
+      const int d = alive[i] ? digit(keys[i], level) : -1;
+      const unsigned routed = warp_slot(&sh.next_slot, d > bin);
+      if (d > bin) positions[routed] = routing_key_position(keys[i]);
+      alive[i] = d == bin;
+    }
+    remaining -= level_above;
+    size = static_cast<int>(sh.histogram[bin]);
+    __syncthreads();  // everyone has read histogram[bin] before the next level clears it
+  }
+}
+
+/// One CTA per row: forced positions, the radix levels after the first over the candidates,
+/// counts, padding, and the routed set rewritten in ascending order. Level 1 uses hist1 and one
+/// coalesced pass over the candidate keys; its threshold bin's members (usually a handful) are
+/// ranked directly in shared memory, or (up to kFinishKeys) run the remaining levels in
+/// registers. Very large ties (plateaus) take a global-memory path. Last, the row's histograms
+/// and counters are zeroed for the next call (the workspace is cleared only when its layout
+/// changes).
 __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) {
-  using Scan = cub::BlockScan<int, kFinishThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ int result[2];
-  __shared__ unsigned histogram[kBins];
-  __shared__ unsigned shared_bitmap[kSharedBitmapWords];
-  __shared__ unsigned next_slot;
-  __shared__ unsigned list_size;
+  __shared__ FinishShared sh;
   const IndexerArgs& a = p.a;
   const std::int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / a.tokens);
@@ -528,88 +603,103 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   }
   if (!plan.selects) return;  // sinks and window fill top_k: already in order
 
-  const float* scores = p.scores + row * p.stride;
+  // Both histograms and the candidate count in one round trip.
+  unsigned* hist0 = p.hist0 + row * kBins;
+  unsigned* hist1 = p.hist1 + row * kBins;
+  unsigned* counters = p.counters + row * 4;
+  HistogramSlice<kFinishThreads> slice0, slice1;
+  slice0.load(hist0);
+  slice1.load(hist1);
+  int size = static_cast<int>(counters[1]);
   int above = 0;
-  threshold_bin<kFinishThreads>(p.hist0 + row * kBins, plan.needed, &above, result, scan_storage);
+  threshold_bin<kFinishThreads>(slice0, plan.needed, &above, sh.result, sh.scan);
   int remaining = plan.needed - above;  // still to take from the candidates (bin0's members)
-  if (threadIdx.x == 0) next_slot = static_cast<unsigned>(plan.forced + above);
-  int size = static_cast<int>(p.counters[row * 4 + 1]);
-  const std::int32_t* list = p.candidates + row * p.stride;
+  const std::uint64_t* list = p.candidates + row * p.stride;
+  if (threadIdx.x == 0) {
+    sh.next_slot = static_cast<unsigned>(plan.forced + above);
+    sh.list_size = 0;
+  }
   __syncthreads();
+  const bool all_in = remaining > 0 && remaining == size;
+  int level_above = 0;
+  const int bin1 =
+      threshold_bin<kFinishThreads>(slice1, all_in ? 0 : max(remaining, 1), &level_above, sh.result, sh.scan);
 
-  if (remaining > 0 && size <= kFinishThreads * kFinishItems) {
-    // Fast path: every candidate's key in registers; a pass kills those below the threshold bin
-    // and routes those above it. Keys are unique, so after level 5 exactly `remaining` live.
-    std::uint64_t keys[kFinishItems];
-    bool alive[kFinishItems];
-#pragma unroll
-    for (int i = 0; i < kFinishItems; ++i) {
-      const int index = i * kFinishThreads + static_cast<int>(threadIdx.x);
-      alive[i] = index < size;
-      keys[i] = alive[i] ? key_of(scores, list[index]) : 0;
-    }
-    for (int level = 1; remaining > 0; ++level) {
-      if (remaining == size || level > 5) {
-#pragma unroll
-        for (int i = 0; i < kFinishItems; ++i) {
-          if (alive[i]) positions[atomicAdd(&next_slot, 1u)] = routing_key_position(keys[i]);
-        }
-        break;
-      }
-      for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kFinishItems; ++i) {
-        if (alive[i]) atomicAdd(&histogram[digit(keys[i], level)], 1u);
-      }
-      __syncthreads();
-      int level_above = 0;
-      const int bin = threshold_bin<kFinishThreads>(histogram, remaining, &level_above, result, scan_storage);
-#pragma unroll
-      for (int i = 0; i < kFinishItems; ++i) {
-        if (!alive[i]) continue;
-        const int d = digit(keys[i], level);
-        if (d > bin) positions[atomicAdd(&next_slot, 1u)] = routing_key_position(keys[i]);
-        alive[i] = d == bin;
-      }
-      remaining -= level_above;
-      size = static_cast<int>(histogram[bin]);
-      __syncthreads();  // everyone has read histogram[bin] before the next pass clears it
-    }
+  if (all_in) {
+    for (int i = threadIdx.x; i < size; i += blockDim.x) positions[sh.next_slot + i] = routing_key_position(list[i]);
   } else if (remaining > 0) {
-    // Global path for large candidate sets (e.g. a plateau of equal scores): the list is
-    // compacted between two workspace buffers, level L writing buffers[L % 2].
-    std::int32_t* buffers[2] = {p.candidates + row * p.stride, p.spare + row * p.stride};
-    const unsigned* level_histogram = p.hist1 + row * kBins;  // the filter pass built level 1's
-    for (int level = 1; remaining > 0; ++level) {
-      if (remaining == size || level > 5) {
-        for (int i = threadIdx.x; i < size; i += blockDim.x) positions[next_slot + i] = list[i];
-        break;
+    const int survivors = static_cast<int>(hist1[bin1]);
+    const bool fast = survivors <= kFinishKeys;
+    std::uint64_t* next = fast ? sh.keys : p.spare + row * p.stride;
+    // Uniform trip count (warp_slot needs every lane of the warp).
+#pragma unroll 4
+    for (int first = 0; first < size; first += kFinishThreads) {
+      const int i = first + static_cast<int>(threadIdx.x);
+      const std::uint64_t key = i < size ? list[i] : 0;
+      const int d = i < size ? digit(key, 1) : -1;
+      const unsigned routed = warp_slot(&sh.next_slot, d > bin1);
+      if (d > bin1) positions[routed] = routing_key_position(key);
+      const unsigned kept = warp_slot(&sh.list_size, d == bin1);
+      if (d == bin1) next[kept] = key;
+    }
+    __syncthreads();
+    remaining -= level_above;
+    size = survivors;
+    if (fast && size <= kFinishThreads) {
+      // Few survivors (the usual case): rank them directly, one key per thread; keys are unique,
+      // so the ranks below `remaining` are exactly the keys to route.
+      const bool mine = static_cast<int>(threadIdx.x) < size;
+      const std::uint64_t key = mine ? sh.keys[threadIdx.x] : 0;
+      int rank = 0;
+      for (int j = 0; j < size; ++j) rank += sh.keys[j] > key ? 1 : 0;
+      if (mine && rank < remaining) positions[sh.next_slot + rank] = routing_key_position(key);
+    } else if (fast) {
+      std::uint64_t keys[kFinishItems];
+      bool alive[kFinishItems];
+#pragma unroll
+      for (int i = 0; i < kFinishItems; ++i) {
+        const int index = i * kFinishThreads + static_cast<int>(threadIdx.x);
+        alive[i] = index < size;
+        keys[i] = alive[i] ? sh.keys[index] : 0;
       }
-      if (level > 1) {
-        for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+      __syncthreads();  // sh.keys is reused below
+      finish_in_registers(keys, alive, 2, size, remaining, positions, sh);
+    } else {
+      // Levels 2.. over global lists, compacting between the two buffers (level L writes
+      // buffers[L % 2]; level 1 wrote the spare one).
+      std::uint64_t* buffers[2] = {p.candidates + row * p.stride, p.spare + row * p.stride};
+      list = buffers[1];
+      for (int level = 2; remaining > 0; ++level) {
+        if (remaining == size || level > 5) {
+          for (int i = threadIdx.x; i < size; i += blockDim.x) {
+            positions[sh.next_slot + i] = routing_key_position(list[i]);
+          }
+          break;
+        }
+        for (int i = threadIdx.x; i < kBins; i += blockDim.x) sh.histogram[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < size; i += blockDim.x)
-          atomicAdd(&histogram[digit(key_of(scores, list[i]), level)], 1u);
+        for (int i = threadIdx.x; i < size; i += blockDim.x) atomicAdd(&sh.histogram[digit(list[i], level)], 1u);
         __syncthreads();
-        level_histogram = histogram;
+        int above_bin = 0;
+        const int bin = threshold_bin<kFinishThreads>(sh.histogram, remaining, &above_bin, sh.result, sh.scan);
+        std::uint64_t* compacted = buffers[level % 2];
+        if (threadIdx.x == 0) sh.list_size = 0;
+        __syncthreads();
+        for (int first = 0; first < size; first += kFinishThreads) {
+          const int i = first + static_cast<int>(threadIdx.x);
+          const std::uint64_t key = i < size ? list[i] : 0;
+          const int d = i < size ? digit(key, level) : -1;
+          const unsigned routed = warp_slot(&sh.next_slot, d > bin);
+          if (d > bin) positions[routed] = routing_key_position(key);
+          const unsigned kept = warp_slot(&sh.list_size, d == bin);
+          if (d == bin) compacted[kept] = key;
+        }
+        __syncthreads();
+        remaining -= above_bin;
+        size = static_cast<int>(sh.list_size);
+        list = compacted;
+        __syncthreads();
       }
-      int level_above = 0;
-      const int bin = threshold_bin<kFinishThreads>(level_histogram, remaining, &level_above, result, scan_storage);
-      std::int32_t* next = buffers[level % 2];
-      if (threadIdx.x == 0) list_size = 0;
-      __syncthreads();
-      for (int i = threadIdx.x; i < size; i += blockDim.x) {
-        const int position = list[i];
-        const int d = digit(key_of(scores, position), level);
-        if (d > bin) positions[atomicAdd(&next_slot, 1u)] = position;
-        if (d == bin) next[atomicAdd(&list_size, 1u)] = position;
-      }
-      __syncthreads();
-      remaining -= level_above;
-      size = static_cast<int>(list_size);
-      list = next;
-      __syncthreads();
     }
   }
 
@@ -617,15 +707,22 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   // mark it in a bitmap (shared memory when the row fits), then compact it with a block scan.
   __syncthreads();
   const int words = (plan.visible + 31) / 32;
-  unsigned* bitmap = words <= kSharedBitmapWords ? shared_bitmap : p.bitmap + row * (p.stride / 32);
-  if (words <= kSharedBitmapWords) {
-    for (int w = threadIdx.x; w < words; w += blockDim.x) shared_bitmap[w] = 0;
+  const bool shared_fits = words <= kSharedBitmapWords;
+  unsigned* bitmap = shared_fits ? reinterpret_cast<unsigned*>(sh.keys) : p.bitmap + row * (p.stride / 32);
+  if (shared_fits) {
+    for (int w = threadIdx.x; w < words; w += blockDim.x) bitmap[w] = 0;
     __syncthreads();
   }
   for (int i = threadIdx.x; i < count; i += blockDim.x) {
     const int position = positions[i];
     atomicOr(&bitmap[position >> 5], 1u << (position & 31));
   }
+  // Clear this row's selection state for the next call.
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    hist0[i] = 0;
+    hist1[i] = 0;
+  }
+  if (threadIdx.x < 4) counters[threadIdx.x] = 0;
   __syncthreads();
   const int per_thread = (words + kFinishThreads - 1) / kFinishThreads;
   const int first_word = static_cast<int>(threadIdx.x) * per_thread;
@@ -633,9 +730,10 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   int local = 0;
   for (int w = first_word; w < last_word; ++w) local += __popc(bitmap[w]);
   int offset = 0;
-  Scan(scan_storage).ExclusiveSum(local, offset);
+  cub::BlockScan<int, kFinishThreads>(sh.scan).ExclusiveSum(local, offset);
   for (int w = first_word; w < last_word; ++w) {
     unsigned bits = bitmap[w];
+    if (!shared_fits) bitmap[w] = 0;
     while (bits != 0) {
       const int bit = __ffs(static_cast<int>(bits)) - 1;
       positions[offset++] = w * 32 + bit;
@@ -665,12 +763,18 @@ int multiprocessor_count() {
   return count;
 }
 
+std::int64_t indexer_workspace_key(int num_sequences, int tokens, std::int64_t max_length) {
+  const Workspace w(num_sequences * tokens, max_length);
+  return static_cast<std::int64_t>(num_sequences) * tokens * (std::int64_t{1} << 32) + w.stride;
+}
+
 std::size_t indexer_workspace_bytes(int num_sequences, int tokens, std::int64_t max_length, int heads) {
   (void)heads;
   return Workspace(num_sequences * tokens, max_length).end;
 }
 
-void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, bool clear,
+                  cudaStream_t stream) {
   const int rows = args.num_sequences * args.tokens;
   const Workspace w(rows, args.max_length);
   if (w.end > workspace_bytes)
@@ -685,9 +789,11 @@ void index_select(const IndexerArgs& args, void* workspace, std::size_t workspac
   p.hist1 = reinterpret_cast<unsigned*>(base + w.hist1);
   p.counters = reinterpret_cast<unsigned*>(base + w.counters);
   p.bitmap = reinterpret_cast<unsigned*>(base + w.bitmap);
-  p.candidates = reinterpret_cast<std::int32_t*>(base + w.candidates);
-  p.spare = reinterpret_cast<std::int32_t*>(base + w.spare);
-  detail::cuda_check(cudaMemsetAsync(base + w.memset_begin, 0, w.memset_bytes, stream), "cudaMemsetAsync (indexer)");
+  p.candidates = reinterpret_cast<std::uint64_t*>(base + w.candidates);
+  p.spare = reinterpret_cast<std::uint64_t*>(base + w.spare);
+  if (clear) {
+    detail::cuda_check(cudaMemsetAsync(base + w.memset_begin, 0, w.memset_bytes, stream), "cudaMemsetAsync (indexer)");
+  }
 
   const bool tensor_cores = args.layout.dtype != DType::f32;
   std::size_t per_row = 0;

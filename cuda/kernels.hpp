@@ -54,8 +54,13 @@ struct IndexerArgs {
 };
 /// Device workspace select() needs for these bounds.
 std::size_t indexer_workspace_bytes(int num_sequences, int tokens, std::int64_t max_length, int heads);
-/// Enqueues the whole selection on `stream`; no allocation, no host synchronisation.
-void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, cudaStream_t stream);
+/// Enqueues the whole selection on `stream`; no allocation, no host synchronisation. The kernels
+/// leave the workspace's histograms and counters zero; `clear` zeroes them first, needed when
+/// the workspace is new or its layout (rows, max_length) differs from the previous call's.
+void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, bool clear,
+                  cudaStream_t stream);
+/// Identifies the workspace layout of a call (equal keys: same layout).
+std::int64_t indexer_workspace_key(int num_sequences, int tokens, std::int64_t max_length);
 /// One forward() of sparse (positions != nullptr) or dense attention.
 struct AttentionArgs {
   PagedCacheLayout layout;

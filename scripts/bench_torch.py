@@ -4,6 +4,7 @@ the same way (CUDA events, warm-up, median, inputs rotated past the L2), and set
 
     clsa bench --json clsa.json
     python3 scripts/bench_torch.py clsa.json [--json torch.json] [--plot step.png]
+    python3 scripts/bench_torch.py clsa.json --from-json torch.json --plot step.png   # plot only
 
 Methods (per decoding step of an L-layer cross-decoder, T = 1):
   dense step      L x SDPA over the whole cache (flash backend; GQA as q_len = group)
@@ -111,9 +112,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="write the PyTorch timings and ratios here")
     parser.add_argument("--plot", help="write a PNG of step time against context here")
+    parser.add_argument("--from-json", help="skip timing: plot from a --json file of an earlier run")
     args = parser.parse_args()
     with open(args.clsa_json) as f:
         bench = json.load(f)
+    if args.from_json:
+        with open(args.from_json) as f:
+            plot(bench, json.load(f)["rows"], args.plot or "step.png")
+        return
     if bench["backend"] != "cuda":
         sys.exit("bench_torch.py compares CUDA runs; this bench ran on " + bench["backend"])
     shape = bench["shape"]
@@ -162,7 +168,7 @@ def plot(bench, torch_rows, path):
             ax.plot([c for c, _ in rows], [s * 1e3 for _, s in rows], style, label="libclsa " + method)
             trows = sorted((r["context"], r["pytorch_seconds"]) for r in torch_rows
                            if r["method"] == method and r["batch"] == batch)
-            ax.plot([c for c, _ in trows], [s * 1e3 for _, s in trows], style, alpha=0.4, linestyle="--",
+            ax.plot([c for c, _ in trows], [s * 1e3 for _, s in trows], marker=style[0], alpha=0.4, linestyle="--",
                     label="PyTorch " + method)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -171,7 +177,7 @@ def plot(bench, torch_rows, path):
         ax.set_title(f"B = {batch}, L = {bench['shape']['layers']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"one decoding step, {bench['device']} ({bench['dtype']})")
+    fig.suptitle(f"one decoding step, {bench.get('device_name', bench['device'])} ({bench['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -196,8 +196,19 @@ struct AttentionCore {
     }
     const std::size_t bytes = cuda_kernels::attention_workspace_bytes(args.num_sequences, args.tokens,
                                                                       config.num_q_heads, config.head_dim, span);
-    void* work = workspace.ensure(bytes);
-    cuda_kernels::attention(args, work, bytes, stream);
+    cuda_kernels::attention(args, ensure_workspace(bytes, stream), bytes, stream);
+  }
+
+  /// The CUDA workspace, at least `bytes`; zeroed when (re)allocated, as the kernels' split
+  /// tickets must start at zero (the kernels leave them zero after every call).
+  void* ensure_workspace(std::size_t bytes, cudaStream_t stream) {
+    bool reallocated = false;
+    void* work = workspace.ensure(bytes, &reallocated);
+    if (reallocated) {
+      detail::cuda_check(cudaMemsetAsync(work, 0, workspace.capacity(), stream),
+                         "cudaMemsetAsync (attention workspace)");
+    }
+    return work;
   }
 #endif
 
@@ -273,8 +284,10 @@ void SparseCrossAttention::reserve(int max_sequences, int max_tokens, int top_k)
   if (s.backend == Backend::cpu) s.reserve_cpu(max_sequences * max_tokens);
 #if CLSA_WITH_CUDA
   if (s.backend == Backend::cuda) {
-    s.workspace.ensure(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
-                                                               s.config.head_dim, top_k));
+    s.ensure_workspace(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
+                                                               s.config.head_dim, top_k),
+                       nullptr);
+    synchronize();
   }
 #endif
 }
@@ -318,8 +331,10 @@ void DenseCrossAttention::reserve(int max_sequences, int max_tokens, std::int64_
   if (s.backend == Backend::cpu) s.reserve_cpu(max_sequences * max_tokens);
 #if CLSA_WITH_CUDA
   if (s.backend == Backend::cuda) {
-    s.workspace.ensure(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
-                                                               s.config.head_dim, max_length));
+    s.ensure_workspace(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
+                                                               s.config.head_dim, max_length),
+                       nullptr);
+    synchronize();
   }
 #endif
 }

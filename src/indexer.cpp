@@ -35,6 +35,7 @@ struct CrossLayerIndexer::State {
   detail::Buffer positions, counts;
   // Workspace.
   detail::Buffer workspace;
+  std::int64_t workspace_key = -1;  // layout of the last CUDA select (see cuda_kernels::index_select)
   std::vector<float> queries, weights, scores;
   std::vector<std::vector<float>> scratch;       // per CPU worker
   std::vector<std::vector<std::uint64_t>> keys;  // per CPU worker
@@ -285,8 +286,14 @@ void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const Tensor
   args.counts_stride_t = out.counts.stride(1);
   const std::size_t bytes =
       cuda_kernels::indexer_workspace_bytes(args.num_sequences, args.tokens, args.max_length, c.num_heads);
-  void* work = workspace.ensure(bytes);
-  cuda_kernels::index_select(args, work, bytes, stream);
+  bool reallocated = false;
+  void* work = workspace.ensure(bytes, &reallocated);
+  // The kernels leave their histograms and counters zero; a new workspace or another layout
+  // needs them cleared first.
+  const std::int64_t key = cuda_kernels::indexer_workspace_key(args.num_sequences, args.tokens, args.max_length);
+  const bool clear = reallocated || key != workspace_key;
+  workspace_key = key;
+  cuda_kernels::index_select(args, work, bytes, clear, stream);
 }
 #endif
 

@@ -25,8 +25,9 @@ class Buffer {
   ~Buffer();
 
   void set_device(Device device);
-  /// Returns the data pointer, valid for at least `bytes`.
-  void* ensure(std::size_t bytes);
+  /// Returns the data pointer, valid for at least `bytes`; `reallocated` (optional) tells whether
+  /// this call replaced the memory (whose contents are then undefined).
+  void* ensure(std::size_t bytes, bool* reallocated = nullptr);
   template <class T>
   T* ensure_as(std::size_t count) {
     return static_cast<T*>(ensure(count * sizeof(T)));

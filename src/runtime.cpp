@@ -220,8 +220,10 @@ void Buffer::set_device(Device device) {
   device_ = device;
 }
 
-void* Buffer::ensure(std::size_t bytes) {
+void* Buffer::ensure(std::size_t bytes, bool* reallocated) {
+  if (reallocated != nullptr) *reallocated = false;
   if (bytes <= capacity_ && data_ != nullptr) return data_;
+  if (reallocated != nullptr) *reallocated = true;
   void* fresh = allocate(device_, bytes);
   deallocate(device_, data_);
   data_ = fresh;

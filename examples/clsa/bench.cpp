@@ -261,9 +261,22 @@ std::string format_time(double seconds) {
 
 }  // namespace
 
+/// "NVIDIA H100 80GB HBM3" for a CUDA device, "cpu" otherwise.
+std::string device_description(clsa::Device device) {
+#if CLSA_PROGRAM_WITH_CUDA
+  if (device.is_cuda()) {
+    cudaDeviceProp properties{};
+    cuda(cudaGetDeviceProperties(&properties, device.index), "cudaGetDeviceProperties");
+    return properties.name;
+  }
+#endif
+  return clsa::device_name(device);
+}
+
 int run_bench(const BenchOptions& options) {
   const clsa::Backend backend = clsa::resolve_backend(options.backend);
   const clsa::Device device = clsa::backend_device(backend);
+  const std::string description = device_description(device);
   const bool on_gpu = device.is_cuda();
   std::vector<std::int64_t> contexts = options.contexts;
   std::vector<int> batches = options.batches;
@@ -283,8 +296,8 @@ int run_bench(const BenchOptions& options) {
   const double bytes_per_token_index = static_cast<double>(options.index_dim) * static_cast<double>(element);
   const double l2_bytes = 50e6;
 
-  std::printf("libclsa %s bench: backend %s (%s), %s\n", clsa::version(), clsa::backend_name(backend),
-              clsa::device_name(device).c_str(), clsa::dtype_name(options.dtype));
+  std::printf("libclsa %s bench: backend %s (%s, %s), %s\n", clsa::version(), clsa::backend_name(backend),
+              clsa::device_name(device).c_str(), description.c_str(), clsa::dtype_name(options.dtype));
   std::printf(
       "shape: L=%d layers, Hq=%d Hkv=%d D=%d, indexer H_idx=%d D_idx=%d top_k=%d; median of %d runs after %d "
       "warm-up, inputs rotated past the L2\n",
@@ -427,8 +440,9 @@ int run_bench(const BenchOptions& options) {
   if (!options.json.empty()) {
     std::ofstream out(options.json);
     out << "{\n  \"version\": \"" << clsa::version() << "\",\n  \"backend\": \"" << clsa::backend_name(backend)
-        << "\",\n  \"device\": \"" << clsa::device_name(device) << "\",\n  \"dtype\": \""
-        << clsa::dtype_name(options.dtype) << "\",\n  \"copy_bandwidth_bytes_per_s\": " << copy_bandwidth
+        << "\",\n  \"device\": \"" << clsa::device_name(device) << "\",\n  \"device_name\": \"" << description
+        << "\",\n  \"dtype\": \"" << clsa::dtype_name(options.dtype)
+        << "\",\n  \"copy_bandwidth_bytes_per_s\": " << copy_bandwidth
         << ",\n  \"shape\": {\"layers\": " << options.layers << ", \"q_heads\": " << options.q_heads
         << ", \"kv_heads\": " << options.kv_heads << ", \"head_dim\": " << options.head_dim
         << ", \"index_heads\": " << options.index_heads << ", \"index_dim\": " << options.index_dim
