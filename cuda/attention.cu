@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   const int heads_here = min(GP, plan.group - head_chunk * GP);
   const int b = row / a.tokens;
   const int t = row % a.tokens;
-  const int length = a.lengths[b];
+  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
   const int visible = visible_length(length, a.tokens, t);
   int count = visible;
   const std::int32_t* routed = nullptr;

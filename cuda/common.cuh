@@ -126,6 +126,13 @@ void allow_shared_memory(std::size_t bytes, const char* what) {
   allowed.store(bytes, std::memory_order_relaxed);
 }
 
+/// Length of sequence b: from the lengths table, or (engine-owned FlashInfer-style tables) from its
+/// page count and last page's length.
+__device__ __forceinline__ int sequence_length(const std::int32_t* lengths, const std::int32_t* page_indptr,
+                                               const std::int32_t* last_page_lengths, int page_size, int b) {
+  return lengths != nullptr ? lengths[b] : (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + last_page_lengths[b];
+}
+
 /// Visible positions of query token t of T for a sequence of `length`: [0, length - T + t].
 __device__ __forceinline__ int visible_length(int length, int tokens, int t) {
   return length - tokens + t + 1;

@@ -79,7 +79,8 @@ struct RowPlan {
   bool selects;  // false when every visible position is routed (or sinks + window fill top_k)
 
   __device__ RowPlan(const IndexerArgs& a, int b, int t) {
-    visible = visible_length(a.lengths[b], a.tokens, t);
+    visible = visible_length(sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b),
+                             a.tokens, t);
     sink_end = min(a.sinks, visible);
     window_begin = max(sink_end, visible - a.window);
     forced = sink_end + (visible - window_begin);
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
   const int t_begin = blockIdx.z * p.rows_per_block;
   const int t_end = min(a.tokens, t_begin + p.rows_per_block);
   const int block_rows = t_end - t_begin;
-  const int length = a.lengths[b];
+  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
   const int tile_begin = blockIdx.x * kScoreTile;
   if (tile_begin >= length) return;
 
@@ -380,7 +381,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
   const int t_begin = blockIdx.z * p.rows_per_block;
   const int t_end = min(a.tokens, t_begin + p.rows_per_block);
   const int block_rows = t_end - t_begin;
-  const int length = a.lengths[b];
+  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
   const int tile_begin = blockIdx.x * kScoreTile;
   if (tile_begin >= length) return;
   float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]

@@ -34,13 +34,14 @@ void append_tokens(const AppendArgs& args, cudaStream_t stream);
 /// One select() of the indexer: scores, then top-k per query row.
 struct IndexerArgs {
   PagedCacheLayout layout;
-  const std::int32_t* lengths;       // [B], device
-  const std::int32_t* page_indptr;   // [B+1], device
-  const std::int32_t* page_indices;  // device
-  int num_sequences;                 // B
-  int tokens;                        // T
-  std::int64_t max_length;           // >= every length
-  const void* q;                     // [B, T, H, D] of layout.dtype
+  const std::int32_t* lengths;            // [B], device; nullptr: from page_indptr and last_page_lengths
+  const std::int32_t* last_page_lengths;  // [B], device (engine-owned FlashInfer-style tables)
+  const std::int32_t* page_indptr;        // [B+1], device
+  const std::int32_t* page_indices;       // device
+  int num_sequences;                      // B
+  int tokens;                             // T
+  std::int64_t max_length;                // >= every length
+  const void* q;                          // [B, T, H, D] of layout.dtype
   std::int64_t q_stride_b, q_stride_t, q_stride_h;
   const void* weights;  // [B, T, H]
   DType weights_dtype;
@@ -64,7 +65,8 @@ std::int64_t indexer_workspace_key(int num_sequences, int tokens, std::int64_t m
 /// One forward() of sparse (positions != nullptr) or dense attention.
 struct AttentionArgs {
   PagedCacheLayout layout;
-  const std::int32_t* lengths;
+  const std::int32_t* lengths;  // nullptr: from page_indptr and last_page_lengths
+  const std::int32_t* last_page_lengths;
   const std::int32_t* page_indptr;
   const std::int32_t* page_indices;
   int num_sequences;

@@ -3,6 +3,7 @@
 #include "clsa/attention.hpp"
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "check.hpp"
@@ -26,9 +27,7 @@ struct AttentionCore {
   Backend backend = Backend::cpu;
   Device device{};
   float scale = 0.0f;
-  detail::Buffer workspace;
-  std::vector<float> queries;
-  std::vector<std::vector<float>> scratch;  // per CPU worker
+  detail::Workspace workspace;
 
   AttentionCore(const char* fn, const AttentionConfig& c, Backend requested) : config(c) {
     detail::check_positive(fn, "config.num_q_heads", c.num_q_heads);
@@ -53,13 +52,37 @@ struct AttentionCore {
     workspace.set_device(device);
   }
 
-  void reserve_cpu(int rows) {
-    const int workers = detail::ThreadPool::instance().size();
+  /// Floats of one CPU worker's scratch, rounded up so that every worker's scratch is aligned
+  /// alike (Eigen's kernels, and so the rounding, may depend on alignment: results must not
+  /// depend on which worker ran an item).
+  std::size_t scratch_floats() const {
     const int group = config.num_q_heads / config.num_kv_heads;
-    queries.reserve(static_cast<std::size_t>(rows) * config.num_q_heads * config.head_dim);
-    scratch.resize(static_cast<std::size_t>(workers));
-    for (auto& s : scratch)
-      s.reserve(cpu::attention_scratch(config.head_dim, group) + static_cast<std::size_t>(2 * group * config.head_dim));
+    const std::size_t floats =
+        cpu::attention_scratch(config.head_dim, group) + static_cast<std::size_t>(2 * group * config.head_dim);
+    return (floats + 63) / 64 * 64;
+  }
+
+  /// Workspace bytes for `rows` query rows attending over up to `span` tokens (top_k or length).
+  std::size_t bytes(int sequences, int tokens, std::int64_t span) const {
+    if (backend == Backend::cpu) {
+      detail::Carver counter;
+      carve_cpu(counter, static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens));
+      return counter.used();
+    }
+#if CLSA_WITH_CUDA
+    return cuda_kernels::attention_workspace_bytes(sequences, tokens, config.num_q_heads, config.head_dim, span);
+#else
+    (void)span;
+    return 0;
+#endif
+  }
+
+  /// CPU pieces: the queries widened to f32, then each worker's scratch.
+  std::pair<float*, float*> carve_cpu(detail::Carver& carver, std::size_t rows) const {
+    float* queries = carver.take<float>(rows * static_cast<std::size_t>(config.num_q_heads * config.head_dim));
+    float* scratch =
+        carver.take<float>(static_cast<std::size_t>(detail::ThreadPool::instance().size()) * scratch_floats());
+    return {queries, scratch};
   }
 
   /// Checks shared by both: batch, q, out, lse; returns T.
@@ -97,18 +120,21 @@ struct AttentionCore {
   }
 
   /// CPU path; routing == nullptr means dense.
-  void forward_cpu(const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q, const TensorView& out,
-                   const TensorView& lse) {
+  void forward_cpu(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
+                   const TensorView& out, const TensorView& lse) {
     const AttentionConfig& c = config;
     const PagedCacheLayout& layout = batch.layout();
     const int tokens = static_cast<int>(q.size(1));
     const int group = c.num_q_heads / c.num_kv_heads;
     const int dim = c.head_dim;
     const std::size_t rows = static_cast<std::size_t>(batch.num_sequences()) * static_cast<std::size_t>(tokens);
-    queries.resize(rows * static_cast<std::size_t>(c.num_q_heads * dim));
-    detail::widen_to_f32(q, queries.data());
+    detail::Carver carver(workspace.get(fn, bytes(batch.num_sequences(), tokens, 0)));
+    const std::pair<float*, float*> pieces = carve_cpu(carver, rows);
+    float* const queries = pieces.first;
+    float* const scratch = pieces.second;
+    const std::size_t scratch_size = scratch_floats();
+    detail::widen_to_f32(q, queries);
     detail::ThreadPool& pool = detail::ThreadPool::instance();
-    scratch.resize(static_cast<std::size_t>(pool.size()));
     const std::int32_t* indptr = batch.device_page_indptr();
     const std::int32_t* indices = batch.device_page_indices();
 
@@ -119,15 +145,12 @@ struct AttentionCore {
         const int kv_head = static_cast<int>(item % c.num_kv_heads);
         const int b = static_cast<int>(row / tokens);
         const int t = static_cast<int>(row % tokens);
-        std::vector<float>& work = scratch[static_cast<std::size_t>(worker)];
-        work.resize(cpu::attention_scratch(dim, group) + static_cast<std::size_t>(2 * group * dim));
-        float* result = work.data();
+        float* result = scratch + static_cast<std::size_t>(worker) * scratch_size;
         float* lse_values = result + group * dim;
         float* attend_scratch = lse_values + group;
         const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
         const float* query =
-            queries.data() +
-            (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
+            queries + (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
         if (routing != nullptr) {
           const std::int32_t* routed = routing->positions.data_as<const std::int32_t>() +
                                        b * routing->positions.stride(0) + t * routing->positions.stride(1);
@@ -156,11 +179,12 @@ struct AttentionCore {
   }
 
 #if CLSA_WITH_CUDA
-  void forward_cuda(const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q, const TensorView& out,
-                    const TensorView& lse, cudaStream_t stream) {
+  void forward_cuda(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
+                    const TensorView& out, const TensorView& lse, cudaStream_t stream) {
     cuda_kernels::AttentionArgs args{};
     args.layout = batch.layout();
     args.lengths = batch.device_lengths();
+    args.last_page_lengths = batch.device_last_page_lengths();
     args.page_indptr = batch.device_page_indptr();
     args.page_indices = batch.device_page_indices();
     args.num_sequences = batch.num_sequences();
@@ -194,32 +218,23 @@ struct AttentionCore {
       args.top_k = routing->top_k;
       span = routing->top_k;
     }
-    const std::size_t bytes = cuda_kernels::attention_workspace_bytes(args.num_sequences, args.tokens,
-                                                                      config.num_q_heads, config.head_dim, span);
-    cuda_kernels::attention(args, ensure_workspace(bytes, stream), bytes, stream);
-  }
-
-  /// The CUDA workspace, at least `bytes`; zeroed when (re)allocated, as the kernels' split
-  /// tickets must start at zero (the kernels leave them zero after every call).
-  void* ensure_workspace(std::size_t bytes, cudaStream_t stream) {
-    bool reallocated = false;
-    void* work = workspace.ensure(bytes, &reallocated);
-    if (reallocated) {
-      detail::cuda_check(cudaMemsetAsync(work, 0, workspace.capacity(), stream),
-                         "cudaMemsetAsync (attention workspace)");
-    }
-    return work;
+    const std::size_t needed = bytes(args.num_sequences, args.tokens, span);
+    bool fresh = false;
+    void* work = workspace.get(fn, needed, &fresh);
+    // The kernels' split tickets must start at zero; the kernels leave them zero after a call.
+    if (fresh) detail::cuda_check(cudaMemsetAsync(work, 0, needed, stream), "cudaMemsetAsync (attention workspace)");
+    cuda_kernels::attention(args, work, needed, stream);
   }
 #endif
 
-  void forward(const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q, const TensorView& out,
-               const TensorView& lse, Stream stream) {
+  void forward(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
+               const TensorView& out, const TensorView& lse, Stream stream) {
     if (backend == Backend::cpu) {
-      forward_cpu(batch, routing, q, out, lse);
+      forward_cpu(fn, batch, routing, q, out, lse);
       return;
     }
 #if CLSA_WITH_CUDA
-    forward_cuda(batch, routing, q, out, lse, stream.cuda());
+    forward_cuda(fn, batch, routing, q, out, lse, stream.cuda());
 #endif
     (void)stream;
   }
@@ -275,21 +290,20 @@ Device SparseCrossAttention::device() const {
   return state_->device;
 }
 
-void SparseCrossAttention::reserve(int max_sequences, int max_tokens, int top_k) {
-  const char* fn = "SparseCrossAttention::reserve";
+std::size_t SparseCrossAttention::workspace_bytes(int max_sequences, int max_tokens, int top_k) const {
+  const char* fn = "SparseCrossAttention::workspace_bytes";
   detail::check_positive(fn, "max_sequences", max_sequences);
   detail::check_positive(fn, "max_tokens", max_tokens);
   detail::check_positive(fn, "top_k", top_k);
-  State& s = *state_;
-  if (s.backend == Backend::cpu) s.reserve_cpu(max_sequences * max_tokens);
-#if CLSA_WITH_CUDA
-  if (s.backend == Backend::cuda) {
-    s.ensure_workspace(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
-                                                               s.config.head_dim, top_k),
-                       nullptr);
-    synchronize();
-  }
-#endif
+  return state_->bytes(max_sequences, max_tokens, top_k);
+}
+
+void SparseCrossAttention::set_workspace(void* data, std::size_t bytes) {
+  state_->workspace.provide("SparseCrossAttention::set_workspace", data, bytes);
+}
+
+void SparseCrossAttention::reserve(int max_sequences, int max_tokens, int top_k) {
+  state_->workspace.get("SparseCrossAttention::reserve", workspace_bytes(max_sequences, max_tokens, top_k));
 }
 
 void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& routing, const TensorView& q,
@@ -304,7 +318,7 @@ void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& 
                        {sequences, tokens, routing.top_k});
   detail::check_tensor(fn, "routing.counts", routing.counts, DType::i32, s.device, {sequences, tokens});
   if (s.backend == Backend::cpu) check_routing_values(fn, batch, routing, tokens);
-  s.forward(batch, &routing, q, out, lse, stream);
+  s.forward(fn, batch, &routing, q, out, lse, stream);
 }
 
 DenseCrossAttention::DenseCrossAttention(const AttentionConfig& config, Backend backend)
@@ -322,28 +336,28 @@ Device DenseCrossAttention::device() const {
   return state_->device;
 }
 
-void DenseCrossAttention::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
-  const char* fn = "DenseCrossAttention::reserve";
+std::size_t DenseCrossAttention::workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const {
+  const char* fn = "DenseCrossAttention::workspace_bytes";
   detail::check_positive(fn, "max_sequences", max_sequences);
   detail::check_positive(fn, "max_tokens", max_tokens);
   detail::check_positive(fn, "max_length", max_length);
-  State& s = *state_;
-  if (s.backend == Backend::cpu) s.reserve_cpu(max_sequences * max_tokens);
-#if CLSA_WITH_CUDA
-  if (s.backend == Backend::cuda) {
-    s.ensure_workspace(cuda_kernels::attention_workspace_bytes(max_sequences, max_tokens, s.config.num_q_heads,
-                                                               s.config.head_dim, max_length),
-                       nullptr);
-    synchronize();
-  }
-#endif
+  return state_->bytes(max_sequences, max_tokens, max_length);
+}
+
+void DenseCrossAttention::set_workspace(void* data, std::size_t bytes) {
+  state_->workspace.provide("DenseCrossAttention::set_workspace", data, bytes);
+}
+
+void DenseCrossAttention::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
+  state_->workspace.get("DenseCrossAttention::reserve", workspace_bytes(max_sequences, max_tokens, max_length));
 }
 
 void DenseCrossAttention::forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream,
                                   const TensorView& lse) {
+  const char* fn = "DenseCrossAttention::forward";
   State& s = *state_;
-  s.check("DenseCrossAttention::forward", batch, q, out, lse);
-  s.forward(batch, nullptr, q, out, lse, stream);
+  s.check(fn, batch, q, out, lse);
+  s.forward(fn, batch, nullptr, q, out, lse, stream);
 }
 
 }  // namespace clsa

@@ -1,6 +1,7 @@
 // SharedKVCache: page pool, page allocation, all-or-nothing appends and batch page tables.
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -22,6 +23,7 @@ namespace detail {
 /// on the host (pinned for CUDA batches) and, for CUDA, mirrored on the device.
 struct BatchStorage {
   Device device{};
+  std::vector<std::int32_t> wrapped_lengths;  // host lengths of a CacheBatch::wrap
   std::int32_t* host = nullptr;
   std::size_t host_capacity = 0;  // int32 entries
   Buffer device_tables;
@@ -98,6 +100,7 @@ struct SharedKVCache::State {
   std::unordered_map<std::int64_t, SequenceState> sequences;
   std::int64_t next_id = 1;
   std::int64_t tokens = 0;
+  // The pools above stay empty when the cache wraps engine memory (layout points there).
 
   SequenceState& find(const char* function, SequenceId id) {
     auto it = sequences.find(static_cast<std::int64_t>(id));
@@ -112,8 +115,9 @@ struct SharedKVCache::State {
   }
 };
 
-SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state_(std::make_unique<State>()) {
-  const char* fn = "SharedKVCache";
+namespace {
+
+void check_config(const char* fn, const CacheConfig& config) {
   detail::check_positive(fn, "config.num_kv_heads", config.num_kv_heads);
   detail::check_positive(fn, "config.head_dim", config.head_dim);
   detail::check_positive(fn, "config.index_dim", config.index_dim);
@@ -130,6 +134,19 @@ SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state
   if (config.dtype == DType::i32) {
     detail::fail(ErrorCode::dtype_mismatch, detail::concat(fn, ": config.dtype = i32; expected f32, f16 or bf16"));
   }
+}
+
+/// Page bookkeeping shared by both constructors: every page free, handed out in index order.
+void init_free_pages(std::vector<std::int32_t>& free_pages, std::int64_t pages) {
+  free_pages.resize(static_cast<std::size_t>(pages));
+  for (std::int64_t i = 0; i < pages; ++i)
+    free_pages[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(pages - 1 - i);
+}
+
+}  // namespace
+
+SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state_(std::make_unique<State>()) {
+  check_config("SharedKVCache", config);
   State& s = *state_;
   s.config = config;
   s.backend = resolve_backend(backend);
@@ -162,9 +179,33 @@ SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state
   l.k_head_stride = l.v_head_stride = config.head_dim;
   l.index_page_stride = std::int64_t{config.index_dim} * config.page_size;
   l.index_token_stride = config.index_dim;
+  init_free_pages(s.free_pages, config.max_pages);
+}
 
-  s.free_pages.resize(pages);
-  for (std::size_t i = 0; i < pages; ++i) s.free_pages[i] = static_cast<std::int32_t>(pages - 1 - i);
+SharedKVCache SharedKVCache::wrap(const CacheConfig& requested, const PagedCacheLayout& pool) {
+  const char* fn = "SharedKVCache::wrap";
+  validate_layout(fn, pool);
+  CacheConfig config = requested;
+  config.max_pages = pool.num_pages;
+  check_config(fn, config);
+  if (pool.dtype != config.dtype || pool.num_kv_heads != config.num_kv_heads || pool.head_dim != config.head_dim ||
+      pool.index_dim != config.index_dim || pool.page_size != config.page_size) {
+    detail::fail(ErrorCode::shape_mismatch,
+                 detail::concat(fn, ": pool has dtype ", dtype_name(pool.dtype), ", num_kv_heads ", pool.num_kv_heads,
+                                ", head_dim ", pool.head_dim, ", index_dim ", pool.index_dim, ", page_size ",
+                                pool.page_size, " but config has ", dtype_name(config.dtype), ", ", config.num_kv_heads,
+                                ", ", config.head_dim, ", ", config.index_dim, ", ", config.page_size));
+  }
+  SharedKVCache cache;
+  cache.state_ = std::make_unique<State>();
+  State& s = *cache.state_;
+  s.config = config;
+  s.backend = pool.device.is_cuda() ? resolve_backend(Backend::cuda) : Backend::cpu;
+  s.device = pool.device;
+  s.page_shift = log2_exact(config.page_size);
+  s.layout = pool;
+  init_free_pages(s.free_pages, config.max_pages);
+  return cache;
 }
 
 SharedKVCache::~SharedKVCache() = default;
@@ -426,9 +467,122 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
     reuse.max_length_ = max_length;
     reuse.host_lengths_ = lengths;
     reuse.device_lengths_ = device_tables;
+    reuse.device_last_page_lengths_ = nullptr;
     reuse.device_page_indptr_ = device_tables + count;
     reuse.device_page_indices_ = device_tables + 2 * count + 1;
   }
+}
+
+void validate_layout(const char* what, const PagedCacheLayout& l) {
+  auto bad = [&](ErrorCode code, const std::string& detail_text) {
+    detail::fail(code, detail::concat(what, ": pool ", detail_text));
+  };
+  if (l.k == nullptr || l.v == nullptr || l.index_keys == nullptr)
+    bad(ErrorCode::invalid_argument, "has a null k, v or index_keys pointer");
+  if (l.dtype == DType::i32) bad(ErrorCode::dtype_mismatch, "dtype is i32; expected f32, f16 or bf16");
+  if (l.num_kv_heads <= 0 || l.head_dim <= 0 || l.index_dim <= 0 || l.num_pages <= 0) {
+    bad(ErrorCode::invalid_argument,
+        detail::concat("has num_kv_heads ", l.num_kv_heads, ", head_dim ", l.head_dim, ", index_dim ", l.index_dim,
+                       ", num_pages ", l.num_pages, "; all must be > 0"));
+  }
+  if (!is_power_of_two(l.page_size)) {
+    bad(ErrorCode::invalid_argument, detail::concat("page_size = ", l.page_size, "; it must be a power of two"));
+  }
+  if (l.num_pages > INT32_MAX || l.num_pages * l.page_size > INT32_MAX) {
+    bad(ErrorCode::invalid_argument, "holds more tokens than the int32 position range");
+  }
+  const std::int64_t strides[] = {l.k_page_stride,  l.k_token_stride, l.k_head_stride,     l.v_page_stride,
+                                  l.v_token_stride, l.v_head_stride,  l.index_page_stride, l.index_token_stride};
+  const char* names[] = {"k_page_stride",  "k_token_stride", "k_head_stride",     "v_page_stride",
+                         "v_token_stride", "v_head_stride",  "index_page_stride", "index_token_stride"};
+  for (std::size_t i = 0; i < 8; ++i) {
+    if (strides[i] < 0) bad(ErrorCode::shape_mismatch, detail::concat(names[i], " = ", strides[i], "; negative"));
+  }
+  if (l.device.is_cuda()) {
+    // The kernels read rows with 16-byte loads.
+    const std::int64_t element = static_cast<std::int64_t>(dtype_size(l.dtype));
+    for (std::size_t i = 0; i < 8; ++i) {
+      if ((strides[i] * element) % 16 != 0) {
+        bad(ErrorCode::shape_mismatch,
+            detail::concat(names[i], " = ", strides[i],
+                           " elements; on CUDA every stride must be a multiple of 16 bytes"));
+      }
+    }
+    if ((l.head_dim * element) % 16 != 0 || (l.index_dim * element) % 16 != 0) {
+      bad(ErrorCode::shape_mismatch, "rows (head_dim, index_dim) must be multiples of 16 bytes on CUDA");
+    }
+    const void* pointers[] = {l.k, l.v, l.index_keys};
+    for (const void* pointer : pointers) {
+      if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0)
+        bad(ErrorCode::shape_mismatch, "pointers must be 16-byte aligned on CUDA");
+    }
+  }
+}
+
+CacheBatch CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables) {
+  CacheBatch batch;
+  wrap(pool, tables, batch);
+  return batch;
+}
+
+void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables, CacheBatch& reuse) {
+  const char* fn = "CacheBatch::wrap";
+  validate_layout(fn, pool);
+  const int count = tables.num_sequences;
+  if (count <= 0)
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": tables.num_sequences = ", count, "; it must be > 0"));
+  if (tables.page_indptr == nullptr || tables.page_indices == nullptr || tables.last_page_lengths == nullptr ||
+      tables.host_page_indptr == nullptr || tables.host_last_page_lengths == nullptr) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn,
+                                ": tables has a null pointer (page_indptr, page_indices, last_page_lengths and "
+                                "their host copies are all required)"));
+  }
+  const std::int32_t* indptr = tables.host_page_indptr;
+  const std::int32_t* last = tables.host_last_page_lengths;
+  if (indptr[0] != 0)
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": tables.page_indptr[0] = ", indptr[0], "; it must be 0"));
+  if (!reuse.storage_ || reuse.storage_->device != pool.device) {
+    reuse.storage_ = std::make_shared<detail::BatchStorage>();
+    reuse.storage_->device = pool.device;
+  }
+  std::vector<std::int32_t>& lengths = reuse.storage_->wrapped_lengths;
+  lengths.resize(static_cast<std::size_t>(count));
+  std::int64_t max_length = 0;
+  for (int b = 0; b < count; ++b) {
+    const std::int64_t pages = std::int64_t{indptr[b + 1]} - indptr[b];
+    if (pages < 1 || last[b] < 1 || last[b] > pool.page_size) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": sequence ", b, " has ", pages, " pages (page_indptr[", b, "..", b + 1, "] = ",
+                                  indptr[b], "..", indptr[b + 1], ") and last_page_lengths[", b, "] = ", last[b],
+                                  "; each sequence needs >= 1 page and a last page length in 1..", pool.page_size));
+    }
+    const std::int64_t length = (pages - 1) * pool.page_size + last[b];
+    if (length > INT32_MAX)
+      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequence ", b, " is too long"));
+    lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length);
+    max_length = std::max(max_length, length);
+  }
+  if (pool.device.is_cpu()) {
+    // Host tables: the page indices can be checked too.
+    for (std::int32_t i = 0; i < indptr[count]; ++i) {
+      if (tables.page_indices[i] < 0 || tables.page_indices[i] >= pool.num_pages) {
+        detail::fail(ErrorCode::invalid_argument,
+                     detail::concat(fn, ": tables.page_indices[", i, "] = ", tables.page_indices[i],
+                                    " is not a page of the pool (0..", pool.num_pages - 1, ")"));
+      }
+    }
+  }
+  reuse.layout_ = pool;
+  reuse.num_sequences_ = count;
+  reuse.max_length_ = max_length;
+  reuse.host_lengths_ = lengths.data();
+  reuse.device_lengths_ = nullptr;
+  reuse.device_last_page_lengths_ = tables.last_page_lengths;
+  reuse.device_page_indptr_ = tables.page_indptr;
+  reuse.device_page_indices_ = tables.page_indices;
 }
 
 MemoryStats SharedKVCache::memory() const {

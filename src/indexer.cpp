@@ -31,20 +31,69 @@ struct CrossLayerIndexer::State {
   IndexerConfig config;
   Backend backend = Backend::cpu;
   Device device{};
-  // The RoutingIndex returned by select(): positions [B, T, top_k] and counts [B, T].
-  detail::Buffer positions, counts;
-  // Workspace.
-  detail::Buffer workspace;
+  // One workspace holds everything: the RoutingIndex that select() returns (positions
+  // [B, T, top_k], counts [B, T]) and the backend's scratch.
+  detail::Workspace workspace;
   std::int64_t workspace_key = -1;  // layout of the last CUDA select (see cuda_kernels::index_select)
-  std::vector<float> queries, weights, scores;
-  std::vector<std::vector<float>> scratch;       // per CPU worker
-  std::vector<std::vector<std::uint64_t>> keys;  // per CPU worker
 
+  /// The pieces of the workspace for `rows` query rows over sequences up to `max_length`.
+  struct Pieces {
+    std::int32_t* positions;
+    std::int32_t* counts;
+    float* queries;        // CPU: [rows, heads, dim]
+    float* weights;        // CPU: [rows, heads]
+    float* scores;         // CPU: [rows, max_length]
+    float* scratch;        // CPU: per worker
+    std::uint64_t* keys;   // CPU: per worker, [max_length]
+    void* device_scratch;  // CUDA: the kernels' workspace
+    std::size_t device_scratch_bytes;
+  };
+  Pieces carve(detail::Carver& carver, int sequences, int tokens, std::int64_t max_length) const {
+    const std::size_t rows = static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens);
+    const std::size_t length = static_cast<std::size_t>(max_length);
+    Pieces pieces{};
+    pieces.positions = carver.take<std::int32_t>(rows * static_cast<std::size_t>(config.top_k));
+    pieces.counts = carver.take<std::int32_t>(rows);
+    if (backend == Backend::cpu) {
+      const std::size_t heads = static_cast<std::size_t>(config.num_heads);
+      const std::size_t workers = static_cast<std::size_t>(detail::ThreadPool::instance().size());
+      pieces.queries = carver.take<float>(rows * heads * static_cast<std::size_t>(config.index_dim));
+      pieces.weights = carver.take<float>(rows * heads);
+      pieces.scores = carver.take<float>(rows * length);
+      pieces.scratch = carver.take<float>(workers * scratch_floats());
+      pieces.keys = carver.take<std::uint64_t>(workers * length);
+    }
+#if CLSA_WITH_CUDA
+    if (backend == Backend::cuda) {
+      pieces.device_scratch_bytes =
+          cuda_kernels::indexer_workspace_bytes(sequences, tokens, max_length, config.num_heads);
+      pieces.device_scratch = carver.take<unsigned char>(pieces.device_scratch_bytes);
+    }
+#endif
+    return pieces;
+  }
+  std::size_t bytes(int sequences, int tokens, std::int64_t max_length) const {
+    detail::Carver counter;
+    carve(counter, sequences, tokens, max_length);
+    return counter.used();
+  }
+  /// Floats of one CPU worker's scratch, rounded up so that every worker's is aligned alike
+  /// (results must not depend on which worker ran an item).
+  std::size_t scratch_floats() const {
+    return (cpu::index_scores_scratch(kPositionChunk, config.index_dim, kRowBlock, config.num_heads) + 63) / 64 * 64;
+  }
+
+  /// Checks batch, q_idx and head_weights; returns T.
+  int check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx,
+                   const TensorView& head_weights) const;
+  /// Selects into `out`, or (out == nullptr) into the workspace's own index, returned in *returned.
+  void run(const char* fn, const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
+           const RoutingIndex* out, RoutingIndex* returned, Stream stream);
   void select_cpu(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
-                  const RoutingIndex& out);
+                  const RoutingIndex& out, const Pieces& pieces);
 #if CLSA_WITH_CUDA
   void select_cuda(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
-                   const RoutingIndex& out, cudaStream_t stream);
+                   const RoutingIndex& out, const Pieces& pieces, bool fresh, cudaStream_t stream);
 #endif
 };
 
@@ -72,8 +121,6 @@ CrossLayerIndexer::CrossLayerIndexer(const IndexerConfig& config, Backend backen
   s.config = config;
   s.backend = resolve_backend(backend);
   s.device = backend_device(s.backend);
-  s.positions.set_device(s.device);
-  s.counts.set_device(s.device);
   s.workspace.set_device(s.device);
 }
 
@@ -91,63 +138,33 @@ Device CrossLayerIndexer::device() const {
   return state_->device;
 }
 
-void CrossLayerIndexer::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
-  const char* fn = "CrossLayerIndexer::reserve";
+std::size_t CrossLayerIndexer::workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const {
+  const char* fn = "CrossLayerIndexer::workspace_bytes";
   detail::check_positive(fn, "max_sequences", max_sequences);
   detail::check_positive(fn, "max_tokens", max_tokens);
   detail::check_positive(fn, "max_length", max_length);
-  State& s = *state_;
-  const std::size_t rows = static_cast<std::size_t>(max_sequences) * static_cast<std::size_t>(max_tokens);
-  s.positions.ensure(rows * static_cast<std::size_t>(s.config.top_k) * sizeof(std::int32_t));
-  s.counts.ensure(rows * sizeof(std::int32_t));
-  if (s.backend == Backend::cpu) {
-    const std::size_t heads = static_cast<std::size_t>(s.config.num_heads);
-    s.queries.reserve(rows * heads * static_cast<std::size_t>(s.config.index_dim));
-    s.weights.reserve(rows * heads);
-    s.scores.reserve(rows * static_cast<std::size_t>(max_length));
-    const int workers = detail::ThreadPool::instance().size();
-    s.scratch.resize(static_cast<std::size_t>(workers));
-    s.keys.resize(static_cast<std::size_t>(workers));
-    for (auto& scratch : s.scratch) {
-      scratch.reserve(cpu::index_scores_scratch(kPositionChunk, s.config.index_dim, kRowBlock, s.config.num_heads));
-    }
-    for (auto& keys : s.keys) keys.reserve(static_cast<std::size_t>(max_length));
-  }
-#if CLSA_WITH_CUDA
-  if (s.backend == Backend::cuda) {
-    s.workspace.ensure(
-        cuda_kernels::indexer_workspace_bytes(max_sequences, max_tokens, max_length, s.config.num_heads));
-  }
-#endif
+  return state_->bytes(max_sequences, max_tokens, max_length);
 }
 
-RoutingIndex CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
-                                       Stream stream) {
-  State& s = *state_;
-  const std::int64_t sequences = batch.num_sequences();
-  const std::int64_t tokens = q_idx.defined() && q_idx.rank() > 1 ? q_idx.size(1) : 0;
-  const std::size_t rows = static_cast<std::size_t>(sequences * std::max<std::int64_t>(tokens, 1));
-  RoutingIndex out;
-  out.top_k = s.config.top_k;
-  out.positions = TensorView(s.positions.ensure(rows * static_cast<std::size_t>(s.config.top_k) * sizeof(std::int32_t)),
-                             DType::i32, {sequences, tokens, s.config.top_k}, s.device);
-  out.counts = TensorView(s.counts.ensure(rows * sizeof(std::int32_t)), DType::i32, {sequences, tokens}, s.device);
-  select(batch, q_idx, head_weights, out, stream);
-  return out;
+void CrossLayerIndexer::set_workspace(void* data, std::size_t bytes) {
+  state_->workspace.provide("CrossLayerIndexer::set_workspace", data, bytes);
+  state_->workspace_key = -1;
 }
 
-void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
-                               const RoutingIndex& out, Stream stream) {
-  const char* fn = "CrossLayerIndexer::select";
-  State& s = *state_;
-  const IndexerConfig& c = s.config;
+void CrossLayerIndexer::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
+  state_->workspace.get("CrossLayerIndexer::reserve", workspace_bytes(max_sequences, max_tokens, max_length));
+}
+
+int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx,
+                                           const TensorView& head_weights) const {
+  const IndexerConfig& c = config;
   if (batch.num_sequences() <= 0) {
     detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
   }
   const PagedCacheLayout& layout = batch.layout();
-  if (batch.device() != s.device) {
+  if (batch.device() != device) {
     detail::fail(ErrorCode::device_mismatch, detail::concat(fn, ": batch lives on ", device_name(batch.device()),
-                                                            " but this indexer computes on ", device_name(s.device)));
+                                                            " but this indexer computes on ", device_name(device)));
   }
   if (layout.index_dim != c.index_dim) {
     detail::fail(ErrorCode::shape_mismatch, detail::concat(fn, ": batch's cache has index_dim ", layout.index_dim,
@@ -155,11 +172,9 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
   }
   const std::int64_t sequences = batch.num_sequences();
   const std::int64_t tokens = q_idx.defined() && q_idx.rank() > 1 ? q_idx.size(1) : 0;
-  detail::check_tensor(fn, "q_idx", q_idx, layout.dtype, s.device, {sequences, tokens, c.num_heads, c.index_dim});
+  detail::check_tensor(fn, "q_idx", q_idx, layout.dtype, device, {sequences, tokens, c.num_heads, c.index_dim});
   detail::check_positive(fn, "q_idx.size(1) (query tokens T)", tokens);
-  detail::check_float_tensor(fn, "head_weights", head_weights, s.device, {sequences, tokens, c.num_heads});
-  detail::check_tensor(fn, "out.positions", out.positions, DType::i32, s.device, {sequences, tokens, c.top_k});
-  detail::check_tensor(fn, "out.counts", out.counts, DType::i32, s.device, {sequences, tokens});
+  detail::check_float_tensor(fn, "head_weights", head_weights, device, {sequences, tokens, c.num_heads});
   for (int b = 0; b < batch.num_sequences(); ++b) {
     if (batch.length(b) < tokens) {
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b),
@@ -167,18 +182,70 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
                                                                " query tokens (append the query tokens' keys first)"));
     }
   }
-  if (s.backend == Backend::cpu) {
-    s.select_cpu(batch, q_idx, head_weights, out);
+#if CLSA_WITH_CUDA
+  if (backend == Backend::cuda) {
+    if (layout.dtype == DType::f32 ? c.index_dim % 4 != 0 : (c.index_dim != 64 && c.index_dim != 128)) {
+      detail::fail(ErrorCode::unsupported,
+                   detail::concat(fn, ": index_dim ", c.index_dim, " with ", dtype_name(layout.dtype),
+                                  " keys; the CUDA path supports 64 and 128 (f16/bf16) or multiples of 4 (f32)"));
+    }
+    if (layout.dtype != DType::f32) detail::check_vector_aligned(fn, "q_idx", q_idx);
+  }
+#endif
+  return static_cast<int>(tokens);
+}
+
+void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, const TensorView& q_idx,
+                                   const TensorView& head_weights, const RoutingIndex* out, RoutingIndex* returned,
+                                   Stream stream) {
+  const int tokens = static_cast<int>(q_idx.size(1));
+  const int sequences = batch.num_sequences();
+  bool fresh = false;
+  void* base = workspace.get(fn, bytes(sequences, tokens, batch.max_length()), &fresh);
+  detail::Carver carver(base);
+  const Pieces pieces = carve(carver, sequences, tokens, batch.max_length());
+  RoutingIndex target;
+  if (out == nullptr) {
+    target.top_k = config.top_k;
+    target.positions = TensorView(pieces.positions, DType::i32, {sequences, tokens, config.top_k}, device);
+    target.counts = TensorView(pieces.counts, DType::i32, {sequences, tokens}, device);
+    *returned = target;
+    out = &target;
+  }
+  if (backend == Backend::cpu) {
+    select_cpu(batch, q_idx, head_weights, *out, pieces);
     return;
   }
 #if CLSA_WITH_CUDA
-  s.select_cuda(batch, q_idx, head_weights, out, stream.cuda());
+  select_cuda(batch, q_idx, head_weights, *out, pieces, fresh, stream.cuda());
 #endif
   (void)stream;
 }
 
+RoutingIndex CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
+                                       Stream stream) {
+  const char* fn = "CrossLayerIndexer::select";
+  State& s = *state_;
+  s.check_inputs(fn, batch, q_idx, head_weights);
+  RoutingIndex returned;
+  s.run(fn, batch, q_idx, head_weights, nullptr, &returned, stream);
+  return returned;
+}
+
+void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
+                               const RoutingIndex& out, Stream stream) {
+  const char* fn = "CrossLayerIndexer::select";
+  State& s = *state_;
+  const std::int64_t tokens = s.check_inputs(fn, batch, q_idx, head_weights);
+  const std::int64_t sequences = batch.num_sequences();
+  detail::check_tensor(fn, "out.positions", out.positions, DType::i32, s.device, {sequences, tokens, s.config.top_k});
+  detail::check_tensor(fn, "out.counts", out.counts, DType::i32, s.device, {sequences, tokens});
+  s.run(fn, batch, q_idx, head_weights, &out, nullptr, stream);
+}
+
 void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorView& q_idx,
-                                          const TensorView& head_weights, const RoutingIndex& out) {
+                                          const TensorView& head_weights, const RoutingIndex& out,
+                                          const Pieces& pieces) {
   const IndexerConfig& c = config;
   const PagedCacheLayout& layout = batch.layout();
   const int sequences = batch.num_sequences();
@@ -188,15 +255,13 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
   const std::int64_t stride = batch.max_length();  // scores row stride
   const std::size_t rows = static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens);
 
-  queries.resize(rows * static_cast<std::size_t>(heads * dim));
-  weights.resize(rows * static_cast<std::size_t>(heads));
-  scores.resize(rows * static_cast<std::size_t>(stride));
-  detail::widen_to_f32(q_idx, queries.data());
-  detail::widen_to_f32(head_weights, weights.data());
-
+  float* queries = pieces.queries;
+  float* weights = pieces.weights;
+  float* scores = pieces.scores;
+  detail::widen_to_f32(q_idx, queries);
+  detail::widen_to_f32(head_weights, weights);
   detail::ThreadPool& pool = detail::ThreadPool::instance();
-  scratch.resize(static_cast<std::size_t>(pool.size()));
-  keys.resize(static_cast<std::size_t>(pool.size()));
+  const std::size_t scratch_size = scratch_floats();
 
   // Work items of the score pass: (sequence, row block, position chunk).
   const int row_blocks = (tokens + kRowBlock - 1) / kRowBlock;
@@ -218,12 +283,11 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
       const std::int64_t begin = chunk * kPositionChunk;
       if (begin >= visible) return;
       const int count = static_cast<int>(std::min<std::int64_t>(kPositionChunk, visible - begin));
-      std::vector<float>& work = scratch[static_cast<std::size_t>(worker)];
-      work.resize(cpu::index_scores_scratch(count, dim, block_rows, heads));
+      float* work = pieces.scratch + static_cast<std::size_t>(worker) * scratch_size;
       const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
       const std::size_t row0 = static_cast<std::size_t>(b) * tokens + static_cast<std::size_t>(first_row);
-      cpu::index_scores(paged, begin, count, dim, queries.data() + row0 * heads * dim, weights.data() + row0 * heads,
-                        block_rows, heads, c.scale, scores.data() + row0 * stride + begin, stride, work.data());
+      cpu::index_scores(paged, begin, count, dim, queries + row0 * heads * dim, weights + row0 * heads, block_rows,
+                        heads, c.scale, scores + row0 * stride + begin, stride, work);
     });
   });
 
@@ -234,11 +298,10 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
     const int b = static_cast<int>(row / tokens);
     const int t = static_cast<int>(row % tokens);
     const int visible = static_cast<int>(batch.length(b) - tokens + t + 1);
-    std::vector<std::uint64_t>& key_scratch = keys[static_cast<std::size_t>(worker)];
-    key_scratch.resize(static_cast<std::size_t>(visible));
+    std::uint64_t* key_scratch = pieces.keys + static_cast<std::size_t>(worker) * static_cast<std::size_t>(stride);
     std::int32_t* routed = routed_positions + b * out.positions.stride(0) + t * out.positions.stride(1);
-    const int count = cpu::select_row(scores.data() + static_cast<std::size_t>(row) * stride, visible, c.top_k,
-                                      c.sink_tokens, c.local_window, routed, key_scratch.data());
+    const int count = cpu::select_row(scores + static_cast<std::size_t>(row) * stride, visible, c.top_k, c.sink_tokens,
+                                      c.local_window, routed, key_scratch);
     std::fill(routed + count, routed + c.top_k, -1);
     routed_counts[b * out.counts.stride(0) + t * out.counts.stride(1)] = count;
   });
@@ -247,18 +310,12 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
 #if CLSA_WITH_CUDA
 void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const TensorView& q_idx,
                                            const TensorView& head_weights, const RoutingIndex& out,
-                                           cudaStream_t stream) {
+                                           const Pieces& pieces, bool fresh, cudaStream_t stream) {
   const IndexerConfig& c = config;
-  const char* fn = "CrossLayerIndexer::select";
-  if (batch.layout().dtype == DType::f32 ? c.index_dim % 4 != 0 : (c.index_dim != 64 && c.index_dim != 128)) {
-    detail::fail(ErrorCode::unsupported,
-                 detail::concat(fn, ": index_dim ", c.index_dim, " with ", dtype_name(batch.layout().dtype),
-                                " keys; the CUDA path supports 64 and 128 (f16/bf16) or multiples of 4 (f32)"));
-  }
-  if (batch.layout().dtype != DType::f32) detail::check_vector_aligned(fn, "q_idx", q_idx);
   cuda_kernels::IndexerArgs args{};
   args.layout = batch.layout();
   args.lengths = batch.device_lengths();
+  args.last_page_lengths = batch.device_last_page_lengths();
   args.page_indptr = batch.device_page_indptr();
   args.page_indices = batch.device_page_indices();
   args.num_sequences = batch.num_sequences();
@@ -284,16 +341,12 @@ void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const Tensor
   args.counts = out.counts.data_as<std::int32_t>();
   args.counts_stride_b = out.counts.stride(0);
   args.counts_stride_t = out.counts.stride(1);
-  const std::size_t bytes =
-      cuda_kernels::indexer_workspace_bytes(args.num_sequences, args.tokens, args.max_length, c.num_heads);
-  bool reallocated = false;
-  void* work = workspace.ensure(bytes, &reallocated);
-  // The kernels leave their histograms and counters zero; a new workspace or another layout
+  // The kernels leave their histograms and counters zero; new workspace memory or another layout
   // needs them cleared first.
   const std::int64_t key = cuda_kernels::indexer_workspace_key(args.num_sequences, args.tokens, args.max_length);
-  const bool clear = reallocated || key != workspace_key;
+  const bool clear = fresh || key != workspace_key;
   workspace_key = key;
-  cuda_kernels::index_select(args, work, bytes, clear, stream);
+  cuda_kernels::index_select(args, pieces.device_scratch, pieces.device_scratch_bytes, clear, stream);
 }
 #endif
 

@@ -8,7 +8,7 @@
 namespace clsa {
 namespace detail {
 
-/// Allocates `bytes` (64-byte aligned) on `device`; throws Error(cuda_error) when that fails,
+/// Allocates `bytes` (256-byte aligned) on `device`; throws Error(cuda_error) when that fails,
 /// e.g. during CUDA-graph capture (workspaces must be reserved before capture).
 void* allocate(Device device, std::size_t bytes);
 void deallocate(Device device, void* pointer) noexcept;
@@ -40,6 +40,46 @@ class Buffer {
   Device device_{};
   void* data_ = nullptr;
   std::size_t capacity_ = 0;
+};
+
+/// A component's workspace: its own buffer, which grows on demand, or memory the caller provided
+/// (set_workspace), which never grows: a call that needs more raises Error(capacity_exceeded).
+class Workspace {
+ public:
+  void set_device(Device device) { owned_.set_device(device); }
+  Device device() const { return owned_.device(); }
+  /// Switches to caller memory (on device(), `bytes` long); zeroes it.
+  void provide(const char* function, void* data, std::size_t bytes);
+  bool external() const { return external_; }
+  /// At least `bytes` of workspace. `fresh` (optional) tells whether this memory is new to the
+  /// component (grown, or provided since the last call), whose contents are then undefined.
+  void* get(const char* function, std::size_t bytes, bool* fresh = nullptr);
+
+ private:
+  Buffer owned_;
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+  bool external_ = false;
+  bool fresh_ = false;
+};
+
+/// Hands out 256-byte aligned pieces of one block in order; with a null base it only counts, so
+/// one function both sizes a workspace and carves it.
+class Carver {
+ public:
+  explicit Carver(void* base = nullptr) : base_(static_cast<unsigned char*>(base)) {}
+  template <class T>
+  T* take(std::size_t count) {
+    offset_ = (offset_ + 255) / 256 * 256;
+    T* piece = base_ != nullptr ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    offset_ += count * sizeof(T);
+    return piece;
+  }
+  std::size_t used() const { return offset_; }
+
+ private:
+  unsigned char* base_;
+  std::size_t offset_ = 0;
 };
 
 }  // namespace detail

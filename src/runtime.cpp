@@ -1,4 +1,5 @@
 // Element types, devices, backend selection, errors, allocation and copies.
+#include <cstdint>
 #include <cstring>
 #include <new>
 #include <string>
@@ -160,7 +161,7 @@ void* allocate(Device device, std::size_t bytes) {
   if (bytes == 0) bytes = 64;
   if (device.is_cpu()) {
     try {
-      return ::operator new(bytes, std::align_val_t(64));
+      return ::operator new(bytes, std::align_val_t(256));
     } catch (const std::bad_alloc&) {
       fail(ErrorCode::capacity_exceeded, concat("host allocation of ", bytes, " bytes failed"));
     }
@@ -183,7 +184,7 @@ void* allocate(Device device, std::size_t bytes) {
 void deallocate(Device device, void* pointer) noexcept {
   if (pointer == nullptr) return;
   if (device.is_cpu()) {
-    ::operator delete(pointer, std::align_val_t(64));
+    ::operator delete(pointer, std::align_val_t(256));
     return;
   }
 #if CLSA_WITH_CUDA
@@ -228,6 +229,46 @@ void* Buffer::ensure(std::size_t bytes, bool* reallocated) {
   deallocate(device_, data_);
   data_ = fresh;
   capacity_ = bytes;
+  return data_;
+}
+
+void Workspace::provide(const char* function, void* data, std::size_t bytes) {
+  if (data == nullptr || bytes == 0) {
+    fail(ErrorCode::invalid_argument, concat(function, ": workspace is empty (data ", data, ", ", bytes, " bytes)"));
+  }
+  if (reinterpret_cast<std::uintptr_t>(data) % 256 != 0) {
+    fail(ErrorCode::invalid_argument, concat(function, ": workspace must be 256-byte aligned"));
+  }
+  if (device().is_cpu()) {
+    std::memset(data, 0, bytes);
+  } else {
+#if CLSA_WITH_CUDA
+    cuda_check(cudaMemset(data, 0, bytes), "cudaMemset (workspace)");
+#endif
+  }
+  data_ = data;
+  size_ = bytes;
+  external_ = true;
+  fresh_ = true;
+}
+
+void* Workspace::get(const char* function, std::size_t bytes, bool* fresh) {
+  bool is_fresh = fresh_;
+  fresh_ = false;
+  if (external_) {
+    if (bytes > size_) {
+      fail(ErrorCode::capacity_exceeded, concat(function, ": this call needs ", bytes,
+                                                " bytes of workspace; the one "
+                                                "provided with set_workspace holds ",
+                                                size_, " (size it with workspace_bytes() for the largest batch)"));
+    }
+  } else {
+    bool grown = false;
+    data_ = owned_.ensure(bytes, &grown);
+    size_ = owned_.capacity();
+    is_fresh = is_fresh || grown;
+  }
+  if (fresh != nullptr) *fresh = is_fresh;
   return data_;
 }
 

@@ -188,7 +188,7 @@ CLSA_BACKEND_TEST(sparse_equals_dense_when_top_k_covers, "sparse attention with 
   }
 }
 
-CLSA_BACKEND_TEST(attention_long_context, "sparse and dense attention at 16K tokens, reference head shape",
+CLSA_BACKEND_TEST(attention_long_context, "sparse and dense attention at 16K tokens with the reference head shape",
                   "[attention]") {
   test::Rng rng(test::base_seed() + 23);
   AttentionCase c;

@@ -237,3 +237,37 @@ TEST_CASE("tensors on another device than the component are refused", "[errors]"
   const TensorView q_elsewhere(q.view().data(), DType::bf16, {1, 1, 2, 64}, clsa::Device::cuda(0));
   CLSA_REQUIRE_ERROR(dense.forward(fixture.batch(), q_elsewhere, q), ErrorCode::device_mismatch, "q is");
 }
+
+TEST_CASE("CUDA-only limits are clear errors", "[errors][cuda]") {
+  CLSA_SKIP_WITHOUT_GPU();
+  clsa::AttentionConfig odd;
+  odd.num_q_heads = 2;
+  odd.num_kv_heads = 2;
+  odd.head_dim = 96;
+  CLSA_REQUIRE_ERROR(clsa::DenseCrossAttention(odd, Backend::cuda), ErrorCode::unsupported, "head_dim = 96");
+  test::Rng rng(test::base_seed() + 33);
+  clsa::CacheConfig config = small_cache();
+  test::CacheFixture fixture(config, Backend::cuda, {20}, rng);
+  clsa::AttentionConfig good;
+  good.num_q_heads = 2;
+  good.num_kv_heads = 2;
+  good.head_dim = 64;
+  clsa::DenseCrossAttention dense(good, Backend::cuda);
+  const clsa::Device device = test::device_of(Backend::cuda);
+  const clsa::Tensor buffer = clsa::Tensor::empty({2 * 64 + 8}, DType::bf16, device);
+  // A view one element past an aligned pointer: 16-byte loads cannot read it.
+  const TensorView shifted(static_cast<clsa::bfloat16*>(buffer.view().data()) + 1, DType::bf16, {1, 1, 2, 64}, device);
+  const TensorView out(buffer.view().data(), DType::bf16, {1, 1, 2, 64}, device);
+  CLSA_REQUIRE_ERROR(dense.forward(fixture.batch(), shifted, out), ErrorCode::shape_mismatch, "16 bytes");
+  clsa::IndexerConfig wide;
+  wide.num_heads = 2;
+  wide.index_dim = 96;
+  wide.top_k = 8;
+  clsa::CacheConfig wide_cache = small_cache();
+  wide_cache.index_dim = 96;
+  test::CacheFixture wide_fixture(wide_cache, Backend::cuda, {20}, rng);
+  const clsa::Tensor q_idx = clsa::Tensor::empty({1, 1, 2, 96}, DType::bf16, device);
+  const clsa::Tensor w = clsa::Tensor::empty({1, 1, 2}, DType::f32, device);
+  clsa::CrossLayerIndexer indexer(wide, Backend::cuda);
+  CLSA_REQUIRE_ERROR(indexer.select(wide_fixture.batch(), q_idx, w), ErrorCode::unsupported, "index_dim 96");
+}

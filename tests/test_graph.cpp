@@ -30,7 +30,7 @@ TEST_CASE("a CUDA graph of a full CLSA step replays exactly like eager calls", "
   test::CacheFixture fixture(cache_config, clsa::Backend::cuda, lengths, rng);
   const clsa::CacheBatch batch = fixture.batch();
 
-  constexpr int kLayers = 4;
+  constexpr int kLayers = 16;  // a full cross-decoder step at the reference depth
   const std::int64_t sequences = 3;
   clsa::IndexerConfig indexer_config;
   indexer_config.num_heads = 16;

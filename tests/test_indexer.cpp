@@ -131,7 +131,7 @@ clsa::CacheConfig cache_config_for(const IndexerConfig& config, DType dtype, int
 
 }  // namespace
 
-CLSA_BACKEND_TEST(indexer_matches_oracle, "indexer routes a best top-k of the oracle scores, random shapes",
+CLSA_BACKEND_TEST(indexer_matches_oracle, "indexer routes a best top-k of the oracle scores over random shapes",
                   "[indexer]") {
   test::Rng rng(test::base_seed() + 10);
   for (int trial = 0; trial < 12; ++trial) {
@@ -195,7 +195,7 @@ CLSA_BACKEND_TEST(indexer_exact_on_exact_data, "indexer equals the oracle set ex
   }
 }
 
-CLSA_BACKEND_TEST(indexer_ties_and_plateaus, "ties go to the lower position, also across a plateau of zeros",
+CLSA_BACKEND_TEST(indexer_ties_and_plateaus, "ties go to the lower position also across a plateau of zeros",
                   "[indexer]") {
   // All indexer keys equal except a few; negative query: every ReLU is 0 except at those few.
   test::Rng rng(test::base_seed() + 12);

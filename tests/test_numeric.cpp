@@ -47,7 +47,7 @@ TEST_CASE("random floats round to the nearest bf16 and f16", "[numeric]") {
   }
 }
 
-TEST_CASE("score_key orders floats, merges signed zeros and sinks NaN below -inf", "[numeric]") {
+TEST_CASE("score_key orders floats and merges signed zeros and sinks NaN below -inf", "[numeric]") {
   const float inf = std::numeric_limits<float>::infinity();
   const float values[] = {-inf, -1e30f, -1.0f, -1e-40f, 0.0f, 1e-40f, 1.0f, 1e30f, inf};
   for (std::size_t i = 0; i + 1 < sizeof values / sizeof values[0]; ++i) {

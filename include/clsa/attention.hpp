@@ -2,6 +2,8 @@
 // dense over every visible token (the YOCO baseline and the exact path).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "clsa/cache.hpp"
@@ -32,7 +34,13 @@ class SparseCrossAttention {
   Backend backend() const;
   Device device() const;
 
-  /// Sizes the workspace so that forward() allocates nothing for batches up to these bounds.
+  /// Bytes of workspace forward() needs for batches up to these bounds (on device()).
+  std::size_t workspace_bytes(int max_sequences, int max_tokens, int top_k) const;
+  /// Runs on caller-provided workspace from now on (`bytes` at `data` on device(), 256-byte
+  /// aligned, zeroed here, outliving its use): nothing is allocated afterwards; a call that needs
+  /// more raises Error(capacity_exceeded).
+  void set_workspace(void* data, std::size_t bytes);
+  /// Sizes the own workspace so that forward() allocates nothing for batches up to these bounds.
   void reserve(int max_sequences, int max_tokens, int top_k);
 
   /// q and out [B, T, num_q_heads, head_dim] of the cache's dtype; lse (optional) f32 [B, T,
@@ -58,6 +66,8 @@ class DenseCrossAttention {
   Backend backend() const;
   Device device() const;
 
+  std::size_t workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const;
+  void set_workspace(void* data, std::size_t bytes);
   void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
 
   void forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream = {},

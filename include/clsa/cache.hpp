@@ -68,6 +68,20 @@ namespace detail {
 struct BatchStorage;
 }
 
+/// Page tables that the host engine owns (the FlashInfer/vLLM paged layout): sequence b holds
+/// pages page_indices[page_indptr[b] .. page_indptr[b+1]), all full but the last, which holds
+/// last_page_lengths[b] tokens (1..page_size). The device pointers are read by the kernels as they
+/// are (no copy); host copies of page_indptr and last_page_lengths give the lengths to the host
+/// (for checks and launch sizes). For a host (CPU) pool, pass the same pointers twice.
+struct PageTableView {
+  int num_sequences = 0;
+  const std::int32_t* page_indptr = nullptr;             // [B+1], on the pool's device
+  const std::int32_t* page_indices = nullptr;            // [page_indptr[B]], on the pool's device
+  const std::int32_t* last_page_lengths = nullptr;       // [B], on the pool's device
+  const std::int32_t* host_page_indptr = nullptr;        // [B+1], host
+  const std::int32_t* host_last_page_lengths = nullptr;  // [B], host
+};
+
 /// The sequences of one batch, as the kernels see them: per sequence its length and its pages
 /// (CSR: page_indptr[B+1] into page_indices). Tables live on the cache's device; lengths are
 /// also kept on the host. Cheap to copy (shares its storage).
@@ -83,10 +97,20 @@ class CacheBatch {
   std::int64_t length(int sequence) const { return host_lengths_[sequence]; }
   /// Largest length in the batch (kernels size their grids and workspaces by it).
   std::int64_t max_length() const { return max_length_; }
-  /// Tables on device(): lengths [B], page_indptr [B+1], page_indices [page_indptr[B]].
+  /// Tables on device(): lengths [B] (or, for wrapped engine tables, last_page_lengths [B]
+  /// instead), page_indptr [B+1], page_indices [page_indptr[B]].
   const std::int32_t* device_lengths() const { return device_lengths_; }
+  const std::int32_t* device_last_page_lengths() const { return device_last_page_lengths_; }
   const std::int32_t* device_page_indptr() const { return device_page_indptr_; }
   const std::int32_t* device_page_indices() const { return device_page_indices_; }
+
+  /// A batch over a pool and page tables that the host engine owns: nothing is copied, the
+  /// kernels read `pool` and `tables` where they are. Checks the layout and the host tables
+  /// (Error on an inconsistent one); allocates the host lengths only. Engine memory must outlive
+  /// the batch, and the tables must not change while kernels that use them are in flight.
+  static CacheBatch wrap(const PagedCacheLayout& pool, const PageTableView& tables);
+  /// Same, refilling `reuse` (no allocation once it has held as many sequences).
+  static void wrap(const PagedCacheLayout& pool, const PageTableView& tables, CacheBatch& reuse);
 
  private:
   friend class SharedKVCache;
@@ -95,6 +119,7 @@ class CacheBatch {
   std::int64_t max_length_ = 0;
   const std::int32_t* host_lengths_ = nullptr;
   const std::int32_t* device_lengths_ = nullptr;
+  const std::int32_t* device_last_page_lengths_ = nullptr;
   const std::int32_t* device_page_indptr_ = nullptr;
   const std::int32_t* device_page_indices_ = nullptr;
   std::shared_ptr<detail::BatchStorage> storage_;
@@ -109,6 +134,11 @@ class SharedKVCache {
  public:
   /// Allocates the page pool on the backend's device (all of it, once).
   explicit SharedKVCache(const CacheConfig& config, Backend backend = Backend::automatic);
+  /// A cache over a pool that the host engine allocated (`pool` describes its K, V and indexer
+  /// key pages, any strides; pool.num_pages pages): libclsa manages sequences, pages and appends,
+  /// the memory stays the engine's. `config` gives the dtype and shapes, which must match `pool`
+  /// (config.max_pages is taken from pool.num_pages). The pool's device decides the backend.
+  static SharedKVCache wrap(const CacheConfig& config, const PagedCacheLayout& pool);
   ~SharedKVCache();
   SharedKVCache(SharedKVCache&&) noexcept;
   SharedKVCache& operator=(SharedKVCache&&) noexcept;
@@ -151,7 +181,12 @@ class SharedKVCache {
 
  private:
   struct State;
+  SharedKVCache() = default;
   std::unique_ptr<State> state_;
 };
+
+/// Checks a pool description (pointers, dtype, shapes, power-of-two page size, strides; 16-byte
+/// alignment of rows on CUDA); throws Error naming `what` and the offending field.
+void validate_layout(const char* what, const PagedCacheLayout& layout);
 
 }  // namespace clsa

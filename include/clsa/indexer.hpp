@@ -2,6 +2,7 @@
 // it returns is reused by every cross-decoder layer.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -49,8 +50,15 @@ class CrossLayerIndexer {
   Backend backend() const;
   Device device() const;
 
-  /// Sizes the workspace and the owned RoutingIndex for batches up to these bounds, so that
-  /// select() allocates nothing (required before capturing select() in a CUDA graph).
+  /// Bytes of workspace that select() needs for batches up to these bounds (on device(); it
+  /// holds the RoutingIndex that select() returns and the backend's scratch).
+  std::size_t workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const;
+  /// Runs on caller-provided workspace from now on: `bytes` at `data` on device(), 256-byte
+  /// aligned, zeroed here; it must outlive the indexer's use. Nothing is allocated afterwards: a
+  /// call that needs more than `bytes` raises Error(capacity_exceeded).
+  void set_workspace(void* data, std::size_t bytes);
+  /// Sizes the indexer's own workspace for batches up to these bounds, so that select()
+  /// allocates nothing (required before capturing select() in a CUDA graph).
   void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
 
   /// q_idx [B, T, num_heads, index_dim] of the cache's dtype; head_weights [B, T, num_heads] of
