@@ -541,6 +541,23 @@ struct FinishShared {
   unsigned list_size;
 };
 
+/// One radix level over a candidate list: keys whose digit `level` is above `bin` are routed
+/// (appended to `positions` at sh.next_slot), keys in `bin` go to `kept` (at sh.list_size).
+/// Uniform trip count: warp_slot needs every lane of the warp.
+__device__ void split_list(const std::uint64_t* list, int size, int level, int bin, std::int32_t* positions,
+                           std::uint64_t* kept, FinishShared& sh) {
+#pragma unroll 4
+  for (int first = 0; first < size; first += kFinishThreads) {
+    const int i = first + static_cast<int>(threadIdx.x);
+    const std::uint64_t key = i < size ? list[i] : 0;
+    const int d = i < size ? digit(key, level) : -1;
+    const unsigned routed = warp_slot(&sh.next_slot, d > bin);
+    if (d > bin) positions[routed] = routing_key_position(key);
+    const unsigned slot = warp_slot(&sh.list_size, d == bin);
+    if (d == bin) kept[slot] = key;
+  }
+}
+
 /// Radix levels `level`.. over `size` live keys held kFinishItems per thread in registers: each
 /// level routes the keys above its threshold bin and keeps the bin's. Keys are unique, so after
 /// level 5 exactly `remaining` live.
@@ -633,16 +650,7 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
     const bool fast = survivors <= kFinishKeys;
     std::uint64_t* next = fast ? sh.keys : p.spare + row * p.stride;
     // Uniform trip count (warp_slot needs every lane of the warp).
-#pragma unroll 4
-    for (int first = 0; first < size; first += kFinishThreads) {
-      const int i = first + static_cast<int>(threadIdx.x);
-      const std::uint64_t key = i < size ? list[i] : 0;
-      const int d = i < size ? digit(key, 1) : -1;
-      const unsigned routed = warp_slot(&sh.next_slot, d > bin1);
-      if (d > bin1) positions[routed] = routing_key_position(key);
-      const unsigned kept = warp_slot(&sh.list_size, d == bin1);
-      if (d == bin1) next[kept] = key;
-    }
+    split_list(list, size, 1, bin1, positions, next, sh);
     __syncthreads();
     remaining -= level_above;
     size = survivors;
@@ -686,15 +694,7 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
         std::uint64_t* compacted = buffers[level % 2];
         if (threadIdx.x == 0) sh.list_size = 0;
         __syncthreads();
-        for (int first = 0; first < size; first += kFinishThreads) {
-          const int i = first + static_cast<int>(threadIdx.x);
-          const std::uint64_t key = i < size ? list[i] : 0;
-          const int d = i < size ? digit(key, level) : -1;
-          const unsigned routed = warp_slot(&sh.next_slot, d > bin);
-          if (d > bin) positions[routed] = routing_key_position(key);
-          const unsigned kept = warp_slot(&sh.list_size, d == bin);
-          if (d == bin) compacted[kept] = key;
-        }
+        split_list(list, size, level, bin, positions, compacted, sh);
         __syncthreads();
         remaining -= above_bin;
         size = static_cast<int>(sh.list_size);

@@ -229,6 +229,48 @@ std::vector<std::int32_t> oracle_routing(const std::vector<double>& scores, int 
   return chosen;
 }
 
+std::string routing_row_problem(const std::vector<std::int32_t>& routed, const std::vector<double>& scores, int top_k,
+                                int sinks, int window, double tolerance) {
+  const int visible = static_cast<int>(scores.size());
+  const std::string where = "(visible " + std::to_string(visible) + ", top_k " + std::to_string(top_k) + ", sinks " +
+                            std::to_string(sinks) + ", window " + std::to_string(window) + ")";
+  if (static_cast<int>(routed.size()) != std::min(top_k, visible)) {
+    return "routed " + std::to_string(routed.size()) + " positions " + where;
+  }
+  for (std::size_t i = 0; i < routed.size(); ++i) {
+    if (routed[i] < 0 || routed[i] >= visible)
+      return "position " + std::to_string(routed[i]) + " out of range " + where;
+    if (i > 0 && routed[i] <= routed[i - 1]) return "positions not strictly ascending " + where;
+  }
+  std::vector<bool> is_routed(static_cast<std::size_t>(visible), false);
+  for (std::int32_t p : routed) is_routed[static_cast<std::size_t>(p)] = true;
+  for (int p = 0; p < visible; ++p) {
+    const bool forced = p < sinks || p >= visible - window;
+    if (forced && !is_routed[static_cast<std::size_t>(p)])
+      return "sink or window position " + std::to_string(p) + " not routed " + where;
+  }
+  if (tolerance < 0.0) return "";
+  // Candidates between sinks and window: NaN ranks below everything.
+  auto rank_value = [](double s) { return std::isnan(s) ? -std::numeric_limits<double>::infinity() : s; };
+  double lowest_routed = std::numeric_limits<double>::infinity();
+  double highest_unrouted = -std::numeric_limits<double>::infinity();
+  double largest = 0.0;
+  for (int p = std::min(sinks, visible); p < visible - window; ++p) {
+    const double s = rank_value(scores[static_cast<std::size_t>(p)]);
+    if (std::isfinite(s)) largest = std::max(largest, std::abs(s));
+    if (is_routed[static_cast<std::size_t>(p)]) {
+      lowest_routed = std::min(lowest_routed, s);
+    } else {
+      highest_unrouted = std::max(highest_unrouted, s);
+    }
+  }
+  if (highest_unrouted > lowest_routed + tolerance * largest + 1e-12) {
+    return "an unrouted score " + std::to_string(highest_unrouted) + " beats a routed " +
+           std::to_string(lowest_routed) + " " + where;
+  }
+  return "";
+}
+
 void oracle_attention(const SequenceData& sequence, const std::vector<std::int32_t>& positions, const double* q,
                       int q_heads, int kv_heads, int dim, double scale, double* out, double* lse) {
   const int group = q_heads / kv_heads;

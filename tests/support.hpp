@@ -84,6 +84,13 @@ std::vector<double> oracle_scores(const SequenceData& sequence, int index_dim, c
 /// lower position); ascending.
 std::vector<std::int32_t> oracle_routing(const std::vector<double>& scores, int top_k, int sinks, int window);
 
+/// What is wrong with a routed row (ascending positions) of a query token that sees
+/// scores.size() positions, or "" when nothing is: the count, order, range, sinks and window,
+/// and (tolerance >= 0) that no unrouted candidate's oracle score beats a routed one's by more
+/// than tolerance * max|score| (NaN scores rank last, as routing orders them).
+std::string routing_row_problem(const std::vector<std::int32_t>& routed, const std::vector<double>& scores, int top_k,
+                                int sinks, int window, double tolerance);
+
 /// Softmax attention of Hq query heads over `positions` of the sequence (GQA: head h reads kv
 /// head h / (Hq/Hkv)). q [Hq, D]; writes out [Hq, D] and lse [Hq].
 void oracle_attention(const SequenceData& sequence, const std::vector<std::int32_t>& positions, const double* q,

@@ -153,6 +153,22 @@ clsa::CacheConfig small_config(DType dtype) {
   return c;
 }
 
+clsa::IndexerConfig small_indexer(int top_k) {
+  clsa::IndexerConfig c;
+  c.num_heads = 2;
+  c.index_dim = 64;
+  c.top_k = top_k;
+  return c;
+}
+
+clsa::AttentionConfig small_attention(int q_heads) {
+  clsa::AttentionConfig c;
+  c.num_q_heads = q_heads;
+  c.num_kv_heads = 2;
+  c.head_dim = 64;
+  return c;
+}
+
 /// Indexer + sparse + dense over `batch`: routed positions and both outputs.
 struct StepResult {
   std::vector<std::int32_t> positions;
@@ -162,17 +178,11 @@ struct StepResult {
 StepResult run_step(const clsa::CacheBatch& batch, clsa::Backend backend, const clsa::Tensor& q_idx,
                     const clsa::Tensor& w, const clsa::Tensor& q, int tokens, int top_k) {
   const std::int64_t B = batch.num_sequences();
-  clsa::IndexerConfig ic;
-  ic.num_heads = 2;
-  ic.index_dim = 64;
-  ic.top_k = top_k;
+  clsa::IndexerConfig ic = small_indexer(top_k);
   ic.sink_tokens = 2;
   ic.local_window = 4;
   clsa::CrossLayerIndexer indexer(ic, backend);
-  clsa::AttentionConfig ac;
-  ac.num_q_heads = 6;
-  ac.num_kv_heads = 2;
-  ac.head_dim = 64;
+  const clsa::AttentionConfig ac = small_attention(6);
   const clsa::Device device = test::device_of(backend);
   clsa::Tensor sparse_out = clsa::Tensor::empty({B, tokens, 6, 64}, q.view().dtype(), device);
   clsa::Tensor dense_out = clsa::Tensor::empty({B, tokens, 6, 64}, q.view().dtype(), device);
@@ -289,14 +299,8 @@ CLSA_BACKEND_TEST(caller_workspace, "components run on caller-provided workspace
   test::CacheFixture fixture(config, backend, lengths, rng);
   const clsa::CacheBatch batch = fixture.batch();
   const clsa::Device device = test::device_of(backend);
-  clsa::IndexerConfig ic;
-  ic.num_heads = 2;
-  ic.index_dim = 64;
-  ic.top_k = 32;
-  clsa::AttentionConfig ac;
-  ac.num_q_heads = 4;
-  ac.num_kv_heads = 2;
-  ac.head_dim = 64;
+  const clsa::IndexerConfig ic = small_indexer(32);
+  const clsa::AttentionConfig ac = small_attention(4);
   clsa::CrossLayerIndexer owned_indexer(ic, backend), indexer(ic, backend);
   clsa::SparseCrossAttention owned_sparse(ac, backend), sparse(ac, backend);
   clsa::DenseCrossAttention dense(ac, backend);
@@ -351,14 +355,8 @@ TEST_CASE("a decoding step on the CPU allocates nothing once set up", "[embeddin
   config.max_pages = test::pages_for(lengths, config.page_size);
   test::CacheFixture fixture(config, clsa::Backend::cpu, lengths, rng);
   clsa::CacheBatch batch = fixture.batch();
-  clsa::IndexerConfig ic;
-  ic.num_heads = 2;
-  ic.index_dim = 64;
-  ic.top_k = 48;
-  clsa::AttentionConfig ac;
-  ac.num_q_heads = 4;
-  ac.num_kv_heads = 2;
-  ac.head_dim = 64;
+  const clsa::IndexerConfig ic = small_indexer(48);
+  const clsa::AttentionConfig ac = small_attention(4);
   clsa::CrossLayerIndexer indexer(ic, clsa::Backend::cpu);
   clsa::SparseCrossAttention sparse(ac, clsa::Backend::cpu);
   indexer.reserve(3, 1, 400);

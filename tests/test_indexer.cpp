@@ -74,38 +74,14 @@ std::vector<double> row_scores(const test::CacheFixture& fixture, const IndexerC
                              config.scale);
 }
 
-/// Checks every property of a routed row that does not depend on rounding: count, unique, in
-/// range (causal), sinks and window present. With `tolerance` >= 0 also that no unrouted
-/// candidate scores above a routed one by more than tolerance * max|score|.
+/// Every property of a routed row (test::routing_row_problem); with `tolerance` >= 0 also that it
+/// is a best top-k of the oracle scores up to that relative tolerance.
 void check_row(const std::vector<std::int32_t>& routed, const std::vector<double>& scores, const IndexerConfig& config,
                double tolerance) {
-  const int visible = static_cast<int>(scores.size());
-  INFO("visible " << visible << " top_k " << config.top_k << " sinks " << config.sink_tokens << " window "
-                  << config.local_window);
-  REQUIRE(static_cast<int>(routed.size()) == std::min(config.top_k, visible));
-  REQUIRE(std::adjacent_find(routed.begin(), routed.end()) == routed.end());  // sorted, so unique
-  REQUIRE(routed.front() >= 0);
-  REQUIRE(routed.back() < visible);
-  std::vector<bool> is_routed(static_cast<std::size_t>(visible), false);
-  for (std::int32_t p : routed) is_routed[static_cast<std::size_t>(p)] = true;
-  for (int p = 0; p < std::min(config.sink_tokens, visible); ++p) REQUIRE(is_routed[static_cast<std::size_t>(p)]);
-  for (int p = std::max(0, visible - config.local_window); p < visible; ++p) {
-    REQUIRE(is_routed[static_cast<std::size_t>(p)]);
-  }
-  if (tolerance < 0.0) return;
-  double lowest_routed = std::numeric_limits<double>::infinity();
-  double highest_unrouted = -std::numeric_limits<double>::infinity();
-  double largest = 0.0;
-  for (int p = std::min(config.sink_tokens, visible); p < visible - config.local_window; ++p) {
-    const double s = scores[static_cast<std::size_t>(p)];
-    largest = std::max(largest, std::abs(s));
-    if (is_routed[static_cast<std::size_t>(p)]) {
-      lowest_routed = std::min(lowest_routed, s);
-    } else {
-      highest_unrouted = std::max(highest_unrouted, s);
-    }
-  }
-  REQUIRE(highest_unrouted <= lowest_routed + tolerance * largest);
+  const std::string problem =
+      test::routing_row_problem(routed, scores, config.top_k, config.sink_tokens, config.local_window, tolerance);
+  INFO(problem);
+  REQUIRE(problem.empty());
 }
 
 IndexerConfig random_indexer_config(test::Rng& rng, int index_dim) {
