@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <utility>
-#include <vector>
 
 #include "check.hpp"
 #include "clsa/cpu/attention.hpp"

@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <vector>
 
 #include "check.hpp"
 #include "clsa/cpu/indexer.hpp"

@@ -57,6 +57,32 @@ namespace {
 
 using clsa::DType;
 
+/// The layout of an engine pool with K and V interleaved per page (FlashInfer NHD):
+/// kv [pages][2][page_size][heads][dim], index keys [pages][page_size][index_row] (index_row >=
+/// index_dim: padded rows), both of config.dtype on `device`.
+clsa::PagedCacheLayout interleaved_layout(const clsa::CacheConfig& c, clsa::Device device, std::int64_t pages,
+                                          const clsa::Tensor& kv, const clsa::Tensor& index_keys,
+                                          std::int64_t index_row) {
+  const std::int64_t P = c.page_size, H = c.num_kv_heads, D = c.head_dim;
+  clsa::PagedCacheLayout layout{};
+  layout.dtype = c.dtype;
+  layout.device = device;
+  layout.num_kv_heads = c.num_kv_heads;
+  layout.head_dim = c.head_dim;
+  layout.index_dim = c.index_dim;
+  layout.page_size = c.page_size;
+  layout.num_pages = pages;
+  layout.k = kv.view().data();
+  layout.v = static_cast<char*>(kv.view().data()) + P * H * D * static_cast<std::int64_t>(clsa::dtype_size(c.dtype));
+  layout.k_page_stride = layout.v_page_stride = 2 * P * H * D;
+  layout.k_token_stride = layout.v_token_stride = H * D;
+  layout.k_head_stride = layout.v_head_stride = D;
+  layout.index_keys = index_keys.view().data();
+  layout.index_page_stride = P * index_row;
+  layout.index_token_stride = index_row;
+  return layout;
+}
+
 /// A pool the way an engine lays it out (FlashInfer NHD with K and V interleaved per page:
 /// [page][2][page_size][heads][dim]; indexer keys [page][page_size][index_dim + 8] with padding),
 /// its pages handed out in a shuffled order, filled from a CacheFixture's data.
@@ -114,21 +140,7 @@ struct EnginePool {
     indices = test::on_device(test::make_host(index_list, DType::i32, {static_cast<std::int64_t>(index_list.size())}),
                               fixture.backend);
 
-    layout.dtype = c.dtype;
-    layout.device = test::device_of(fixture.backend);
-    layout.num_kv_heads = c.num_kv_heads;
-    layout.head_dim = c.head_dim;
-    layout.index_dim = c.index_dim;
-    layout.page_size = c.page_size;
-    layout.num_pages = pages;
-    layout.k = kv.view().data();
-    layout.v = static_cast<char*>(kv.view().data()) + P * H * D * static_cast<std::int64_t>(clsa::dtype_size(c.dtype));
-    layout.k_page_stride = layout.v_page_stride = 2 * P * H * D;
-    layout.k_token_stride = layout.v_token_stride = H * D;
-    layout.k_head_stride = layout.v_head_stride = D;
-    layout.index_keys = index_keys.view().data();
-    layout.index_page_stride = P * I;
-    layout.index_token_stride = I;
+    layout = interleaved_layout(c, test::device_of(fixture.backend), pages, kv, index_keys, I);
   }
 
   clsa::PageTableView tables(int count) const {
@@ -242,22 +254,7 @@ CLSA_BACKEND_TEST(wrapped_cache_pool, "SharedKVCache::wrap appends into an engin
   const clsa::Tensor ik = test::on_device(
       test::make_host(std::vector<double>(static_cast<std::size_t>(pages * P * I), 3.0), DType::bf16, {pages, P, I}),
       backend);
-  clsa::PagedCacheLayout pool{};
-  pool.dtype = DType::bf16;
-  pool.device = device;
-  pool.num_kv_heads = 2;
-  pool.head_dim = 64;
-  pool.index_dim = 64;
-  pool.page_size = 16;
-  pool.num_pages = pages;
-  pool.k = kv.view().data();
-  pool.v = static_cast<char*>(kv.view().data()) + P * H * D * 2;
-  pool.k_page_stride = pool.v_page_stride = 2 * P * H * D;
-  pool.k_token_stride = pool.v_token_stride = H * D;
-  pool.k_head_stride = pool.v_head_stride = D;
-  pool.index_keys = ik.view().data();
-  pool.index_page_stride = P * I;
-  pool.index_token_stride = I;
+  const clsa::PagedCacheLayout pool = interleaved_layout(config, device, pages, kv, ik, I);
   clsa::SharedKVCache cache = clsa::SharedKVCache::wrap(config, pool);
   CHECK(cache.config().max_pages == pages);
   CHECK(cache.device() == device);
