@@ -12,6 +12,8 @@
 // and the last CTA of its (row, kv head, head chunk) to finish, found with an atomic ticket,
 // merges all splits by log-sum-exp in split order: no second launch.
 #include <algorithm>
+#include <climits>
+#include <vector>
 
 #include "../cuda/kernels.hpp"
 #include "common.cuh"
@@ -39,7 +41,9 @@ struct Shape {
   static_assert(kTokens >= 1, "a lane group must hold every head's value");
 };
 
-struct Plan {
+/// How one call splits its work: a pure function of the call's rows and the AttentionPlan, so the
+/// same batch size always gets the same splits (and the same bits).
+struct SplitPlan {
   int group = 1;        // G = Hq / Hkv
   int padded = 1;       // query heads per CTA, a power of two <= kMaxGroup
   int head_chunks = 1;  // CTAs per (row, kv head) along the group
@@ -49,7 +53,8 @@ struct Plan {
 
 struct Params {
   AttentionArgs a;
-  Plan plan;
+  SplitPlan plan;
+  int max_length;  // dense: the plan's span; longer sequences are reported and write zeros
   int page_shift;
   float* partial_out;  // [rows, Hq, splits, D]
   float* partial_ml;   // [rows, Hq, splits, 2]
@@ -63,20 +68,19 @@ int next_power_of_two(int x) {
 }
 
 /// Splits so that the grid fills the resident CTA slots (`slots` = multiprocessors x CTAs per
-/// multiprocessor of the kernel variant) in whole waves, with kMinChunk..kMaxChunk tokens each.
-Plan make_plan(int rows, int q_heads, int kv_heads, std::int64_t span, std::int64_t slots) {
-  Plan plan;
+/// multiprocessor of the kernel variant) in whole waves, with kMinChunk..kMaxChunk tokens each:
+/// the fewest waves w whose split count slots * w / units reaches ceil(span / kMaxChunk).
+SplitPlan make_split_plan(int rows, int q_heads, int kv_heads, std::int64_t span, std::int64_t slots) {
+  SplitPlan plan;
   plan.group = q_heads / kv_heads;
   plan.padded = next_power_of_two(std::min(plan.group, kMaxGroup));
   plan.head_chunks = static_cast<int>(ceil_div(plan.group, plan.padded));
   span = std::max<std::int64_t>(span, 1);
   const std::int64_t units = std::int64_t{rows} * kv_heads * plan.head_chunks;
   const std::int64_t most = std::max<std::int64_t>(1, ceil_div(span, kMinChunk));
-  std::int64_t splits = 1;
-  for (std::int64_t waves = 1;; ++waves) {
-    splits = std::min(most, std::max<std::int64_t>(1, slots * waves / units));
-    if (ceil_div(span, splits) <= kMaxChunk || splits == most) break;
-  }
+  const std::int64_t wanted = std::min(most, ceil_div(span, kMaxChunk));
+  std::int64_t splits = std::min(most, std::max<std::int64_t>(1, slots / units));
+  if (splits < wanted) splits = std::min(most, slots * ceil_div(wanted * units, slots) / units);
   std::int64_t chunk = ceil_div(ceil_div(span, splits), 32) * 32;
   chunk = std::min<std::int64_t>(std::max<std::int64_t>(chunk, ceil_div(span, kMaxSplits)),
                                  std::max<std::int64_t>(span, 32));
@@ -85,24 +89,14 @@ Plan make_plan(int rows, int q_heads, int kv_heads, std::int64_t span, std::int6
   return plan;
 }
 
-/// The most splits any kernel variant can plan for these bounds (workspace sizing): at most 16
-/// CTAs of kThreads fit a multiprocessor.
-std::int64_t most_splits(int rows, int kv_heads, int head_chunks, std::int64_t span) {
-  // make_plan stops at the first wave count whose chunks fit kMaxChunk: one wave step past
-  // ceil(span / kMaxChunk) at most.
-  const std::int64_t units = std::int64_t{rows} * kv_heads * head_chunks;
-  const std::int64_t per_wave = ceil_div(16LL * multiprocessor_count(), units);
-  return std::max<std::int64_t>(std::min(ceil_div(span, 32), ceil_div(span, kMaxChunk) + per_wave + 1), 1);
-}
-
 /// Shared memory of the attention kernel: the split's (page, slot) rows, then the per-lane-group
 /// partial results [groups][padded][dim] with their max and sum (later reused for the merge's
 /// split weights).
-__host__ __device__ inline std::size_t rows_bytes(const Plan& plan) {
+__host__ __device__ inline std::size_t rows_bytes(const SplitPlan& plan) {
   return (static_cast<std::size_t>(plan.chunk) * sizeof(int2) + 15) / 16 * 16;
 }
 
-std::size_t shared_bytes(const Plan& plan, int dim, int groups_per_cta) {
+std::size_t shared_bytes(const SplitPlan& plan, int dim, int groups_per_cta) {
   const std::size_t combine = static_cast<std::size_t>(groups_per_cta) * plan.padded * (dim + 2) * sizeof(float);
   const std::size_t merge = static_cast<std::size_t>(plan.padded) * (2 * plan.splits + 2) * sizeof(float);
   return rows_bytes(plan) + std::max(combine, merge);
@@ -134,7 +128,7 @@ template <class Elem, int D, int GP>
 __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   using S = Shape<Elem, D, GP>;
   const AttentionArgs& a = p.a;
-  const Plan& plan = p.plan;
+  const SplitPlan& plan = p.plan;
   extern __shared__ __align__(16) unsigned char shared[];
   constexpr int kGroupsPerCta = kWarps * S::kGroups;
   int2* rows = reinterpret_cast<int2*>(shared);                            // [chunk]: (page, slot), page -1 = skip
@@ -151,7 +145,14 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   const int heads_here = min(GP, plan.group - head_chunk * GP);
   const int b = row / a.tokens;
   const int t = row % a.tokens;
-  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  if (length > p.max_length) {
+    // Beyond the plan (dense: its splits do not cover it): reported, and the rows write zeros.
+    if (threadIdx.x == 0 && t == 0 && blockIdx.y == 0 && split == 0) {
+      report(a.status, RunStatus::length_beyond_plan, b, length, p.max_length);
+    }
+    length = 0;
+  }
   const int visible = visible_length(length, a.tokens, t);
   int count = visible;
   const std::int32_t* routed = nullptr;
@@ -460,114 +461,129 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   if (tid == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
 
-/// Workspace layout: tickets [rows * kv heads * head chunks], then the partial results of up to
-/// most_splits() splits.
-struct WorkspaceLayout {
-  std::size_t tickets_bytes, partial_out_offset, partial_ml_offset, bytes;
-  WorkspaceLayout(int rows, int q_heads, int kv_heads, int head_chunks, int dim, std::int64_t splits) {
-    tickets_bytes = (static_cast<std::size_t>(rows) * kv_heads * head_chunks * sizeof(unsigned) + 255) / 256 * 256;
-    const std::size_t partials = static_cast<std::size_t>(rows) * q_heads * static_cast<std::size_t>(splits);
-    partial_out_offset = tickets_bytes;
-    partial_ml_offset = partial_out_offset + partials * dim * sizeof(float);
-    bytes = partial_ml_offset + partials * 2 * sizeof(float);
-  }
+/// A kernel variant: element type, head dim and query heads per CTA.
+struct Variant {
+  DType dtype;
+  int dim;
+  int padded;
+  void (*kernel)(Params);
+  int groups_per_cta;  // lane groups whose partial results the CTA combines
 };
 
 template <class Elem, int D, int GP>
-void launch(Params params, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
-  using S = Shape<Elem, D, GP>;
-  constexpr auto kernel = attention_kernel<Elem, D, GP>;
-  const AttentionArgs& a = params.a;
-  const int rows = a.num_sequences * a.tokens;
-  const std::int64_t span = a.positions != nullptr ? a.top_k : a.max_length;
-  // Resident CTAs per multiprocessor of this variant (registers bound it; the shared memory of a
-  // 1024-token split is a typical size), computed once.
-  static const int resident = [] {
-    Plan typical;
-    typical.padded = GP;
-    typical.chunk = 1024;
-    const std::size_t shared = shared_bytes(typical, D, kWarps * S::kGroups);
-    allow_shared_memory<kernel>(shared, "cudaFuncSetAttribute (attention)");
-    int blocks = 0;
-    detail::cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, shared),
-                       "cudaOccupancyMaxActiveBlocksPerMultiprocessor (attention)");
-    return std::max(blocks, 1);
-  }();
-  params.plan = make_plan(rows, a.q_heads, a.kv_heads, span, std::int64_t{resident} * multiprocessor_count());
-  const Plan& plan = params.plan;
-  const WorkspaceLayout layout(rows, a.q_heads, a.kv_heads, plan.head_chunks, D, plan.splits);
-  if (plan.splits > 1) {
-    if (layout.bytes > workspace_bytes) {
-      detail::fail(ErrorCode::capacity_exceeded, "attention: workspace smaller than planned (internal)");
-    }
-    auto* base = static_cast<unsigned char*>(workspace);
-    params.tickets = reinterpret_cast<unsigned*>(base);
-    params.partial_out = reinterpret_cast<float*>(base + layout.partial_out_offset);
-    params.partial_ml = reinterpret_cast<float*>(base + layout.partial_ml_offset);
-  }
-  const std::size_t shared = shared_bytes(plan, D, kWarps * S::kGroups);
-  allow_shared_memory<kernel>(shared, "cudaFuncSetAttribute (attention)");
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(a.kv_heads * plan.head_chunks),
-                  static_cast<unsigned>(plan.splits));
-  kernel<<<grid, kThreads, shared, stream>>>(params);
-  detail::cuda_check_launch("attention_kernel");
+Variant make_variant(DType dtype) {
+  return {dtype, D, GP, attention_kernel<Elem, D, GP>, kWarps * Shape<Elem, D, GP>::kGroups};
 }
 
 template <class Elem, int D>
-void launch_group(const Params& params, void* workspace, std::size_t bytes, cudaStream_t stream) {
-  const int group = params.a.q_heads / params.a.kv_heads;
-  switch (next_power_of_two(std::min(group, kMaxGroup))) {
-    case 1:
-      return launch<Elem, D, 1>(params, workspace, bytes, stream);
-    case 2:
-      return launch<Elem, D, 2>(params, workspace, bytes, stream);
-    case 4:
-      return launch<Elem, D, 4>(params, workspace, bytes, stream);
-    default:
-      return launch<Elem, D, 8>(params, workspace, bytes, stream);
-  }
+void add_variants(std::vector<Variant>& variants, DType dtype) {
+  variants.push_back(make_variant<Elem, D, 1>(dtype));
+  variants.push_back(make_variant<Elem, D, 2>(dtype));
+  variants.push_back(make_variant<Elem, D, 4>(dtype));
+  variants.push_back(make_variant<Elem, D, 8>(dtype));
 }
 
-template <class Elem>
-void launch_dim(const Params& params, void* workspace, std::size_t bytes, cudaStream_t stream) {
-  switch (params.a.dim) {
-    case 64:
-      return launch_group<Elem, 64>(params, workspace, bytes, stream);
-    case 128:
-      return launch_group<Elem, 128>(params, workspace, bytes, stream);
-    default:
-      return launch_group<Elem, 256>(params, workspace, bytes, stream);
-  }
+const std::vector<Variant>& variants() {
+  static const std::vector<Variant> all = [] {
+    std::vector<Variant> v;
+    add_variants<float, 64>(v, DType::f32);
+    add_variants<float, 128>(v, DType::f32);
+    add_variants<float, 256>(v, DType::f32);
+    add_variants<__half, 64>(v, DType::f16);
+    add_variants<__half, 128>(v, DType::f16);
+    add_variants<__half, 256>(v, DType::f16);
+    add_variants<__nv_bfloat16, 64>(v, DType::bf16);
+    add_variants<__nv_bfloat16, 128>(v, DType::bf16);
+    add_variants<__nv_bfloat16, 256>(v, DType::bf16);
+    return v;
+  }();
+  return all;
+}
+
+int dtype_slot(DType dtype) {
+  return dtype == DType::f32 ? 0 : dtype == DType::f16 ? 1 : 2;
+}
+
+SplitPlan split_plan(const AttentionPlan& plan, int slot, int rows) {
+  return make_split_plan(rows, plan.q_heads, plan.kv_heads, plan.span, plan.slots[slot]);
 }
 
 }  // namespace
 
-std::size_t attention_workspace_bytes(int num_sequences, int tokens, int q_heads, int dim, std::int64_t span) {
-  // Bounded over every kv head count and kernel variant.
-  const int rows = num_sequences * tokens;
-  std::size_t most = 0;
-  for (int kv_heads = 1; kv_heads <= q_heads; ++kv_heads) {
-    if (q_heads % kv_heads != 0) continue;
-    const int group = q_heads / kv_heads;
-    const int head_chunks = static_cast<int>(ceil_div(group, next_power_of_two(std::min(group, kMaxGroup))));
-    const std::int64_t splits = most_splits(rows, kv_heads, head_chunks, std::max<std::int64_t>(span, 1));
-    most = std::max(most, WorkspaceLayout(rows, q_heads, kv_heads, head_chunks, dim, splits).bytes);
+AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim) {
+  const int group = q_heads / kv_heads;
+  const int padded = next_power_of_two(std::min(group, kMaxGroup));
+  const std::int64_t head_chunks = ceil_div(group, padded);
+  if (std::int64_t{kv_heads} * head_chunks > 65535) {
+    detail::fail(ErrorCode::unsupported,
+                 detail::concat(kv_heads, " kv heads x ", head_chunks, " head chunks exceed a grid's 65535"));
   }
-  return most;
+  AttentionPlan plan;
+  plan.max_rows = max_rows;
+  plan.span = std::max<std::int64_t>(span, 1);
+  plan.q_heads = q_heads;
+  plan.kv_heads = kv_heads;
+  plan.dim = dim;
+  std::size_t partials = 0;
+  const DType dtypes[3] = {DType::f32, DType::f16, DType::bf16};
+  for (int slot = 0; slot < 3; ++slot) {
+    for (std::size_t i = 0; i < variants().size(); ++i) {
+      const Variant& v = variants()[i];
+      if (v.dtype == dtypes[slot] && v.dim == dim && v.padded == padded) plan.variant[slot] = static_cast<int>(i);
+    }
+    if (plan.variant[slot] < 0) {
+      detail::fail(ErrorCode::unsupported,
+                   detail::concat("head_dim ", dim, "; the CUDA path supports 64, 128 and 256"));
+    }
+    const Variant& v = variants()[static_cast<std::size_t>(plan.variant[slot])];
+    // Resident CTAs per multiprocessor of this variant (registers bound it; the shared memory of
+    // a 1024-token split is a typical size).
+    SplitPlan typical;
+    typical.padded = padded;
+    typical.chunk = 1024;
+    const void* kernel = reinterpret_cast<const void*>(v.kernel);
+    const int resident = resident_blocks(kernel, kThreads, shared_bytes(typical, dim, v.groups_per_cta),
+                                         "cudaOccupancyMaxActiveBlocksPerMultiprocessor (attention)");
+    plan.slots[slot] = std::int64_t{resident} * multiprocessor_count();
+    // Room for the partial results of the call with the most (rows x splits) of any batch size
+    // within the bounds: the layout is the same for all of them.
+    std::size_t shared = 0;
+    for (int rows = 1; rows <= max_rows; ++rows) {
+      const SplitPlan splits = split_plan(plan, slot, rows);
+      shared = std::max(shared, shared_bytes(splits, dim, v.groups_per_cta));
+      if (splits.splits > 1) {
+        partials = std::max(partials, static_cast<std::size_t>(rows) * static_cast<std::size_t>(splits.splits));
+      }
+    }
+    allow_shared_memory(kernel, shared, "cudaFuncSetAttribute (attention)");
+  }
+  partials *= static_cast<std::size_t>(q_heads);
+  const std::size_t tickets = static_cast<std::size_t>(max_rows) * kv_heads * static_cast<std::size_t>(head_chunks);
+  plan.partial_out_offset = (tickets * sizeof(unsigned) + 255) / 256 * 256;
+  plan.partial_ml_offset = plan.partial_out_offset + partials * dim * sizeof(float);
+  plan.bytes = plan.partial_ml_offset + partials * 2 * sizeof(float);
+  return plan;
 }
 
-void attention(const AttentionArgs& args, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+void attention(const AttentionArgs& args, const AttentionPlan& plan, void* workspace, cudaStream_t stream) {
+  const int slot = dtype_slot(args.layout.dtype);
+  const Variant& v = variants()[static_cast<std::size_t>(plan.variant[slot])];
+  const int rows = args.num_sequences * args.tokens;
   Params params{};
   params.a = args;
+  params.plan = split_plan(plan, slot, rows);
+  params.max_length =
+      args.positions != nullptr ? INT_MAX : static_cast<int>(std::min<std::int64_t>(plan.span, INT_MAX));
   params.page_shift = log2_exact(args.layout.page_size);
-  switch (args.layout.dtype) {
-    case DType::f32:
-      return launch_dim<float>(params, workspace, workspace_bytes, stream);
-    case DType::f16:
-      return launch_dim<__half>(params, workspace, workspace_bytes, stream);
-    default:
-      return launch_dim<__nv_bfloat16>(params, workspace, workspace_bytes, stream);
-  }
+  auto* base = static_cast<unsigned char*>(workspace);
+  params.tickets = reinterpret_cast<unsigned*>(base);
+  params.partial_out = reinterpret_cast<float*>(base + plan.partial_out_offset);
+  params.partial_ml = reinterpret_cast<float*>(base + plan.partial_ml_offset);
+  const SplitPlan& splits = params.plan;
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
+                  static_cast<unsigned>(splits.splits));
+  v.kernel<<<grid, kThreads, shared_bytes(splits, v.dim, v.groups_per_cta), stream>>>(params);
+  detail::cuda_check_launch("attention_kernel");
 }
 
 }  // namespace cuda_kernels

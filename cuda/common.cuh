@@ -7,13 +7,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 #include "check.hpp"
 #include "clsa/cache.hpp"
 #include "clsa/numeric.hpp"
 #include "cuda_check.hpp"
+#include "kernels.hpp"
 
 namespace clsa {
 namespace cuda_kernels {
@@ -115,27 +115,48 @@ __host__ __device__ __forceinline__ std::int64_t ceil_div(std::int64_t a, std::i
   return (a + b - 1) / b;
 }
 
-/// Raises a kernel's dynamic shared memory limit to at least `bytes` (once per size: the call is
-/// made outside any hot loop after the first step).
-template <auto Kernel>
-void allow_shared_memory(std::size_t bytes, const char* what) {
-  static std::atomic<std::size_t> allowed{48 * 1024};
-  if (bytes <= allowed.load(std::memory_order_relaxed)) return;
-  detail::cuda_check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                     what);
-  allowed.store(bytes, std::memory_order_relaxed);
+/// Devices the per-device caches below hold (a device with a higher index is queried each time).
+constexpr int kMaxCachedDevices = 64;
+
+/// The current CUDA device (each entry point has made its component's device current).
+int current_device();
+/// Number of multiprocessors of the current device (cached per device).
+int multiprocessor_count();
+
+/// Raises `kernel`'s dynamic shared-memory limit on the current device to at least `bytes`. The
+/// limit is per device and only ever raised, so components sharing a device never lower it under
+/// each other. Called when a plan is made, never in a call's hot path.
+void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what);
+
+/// Resident CTAs per multiprocessor of `kernel` with `threads` threads and `shared` bytes of
+/// dynamic shared memory on the current device (at least 1).
+int resident_blocks(const void* kernel, int threads, std::size_t shared, const char* what);
+
+/// Reports a run-time violation to the host (first report wins).
+__device__ __forceinline__ void report(RunStatus* status, unsigned code, int sequence, int length, int limit) {
+  if (status == nullptr) return;
+  if (atomicCAS(&status->code, 0u, code) == 0u) {
+    status->sequence = sequence;
+    status->length = length;
+    status->limit = limit;
+    __threadfence_system();
+  }
 }
 
 /// Length of sequence b: from the lengths table, or (engine-owned FlashInfer-style tables) from its
 /// page count and last page's length.
+/// A sequence without pages (an empty batch slot) has length 0.
 __device__ __forceinline__ int sequence_length(const std::int32_t* lengths, const std::int32_t* page_indptr,
                                                const std::int32_t* last_page_lengths, int page_size, int b) {
-  return lengths != nullptr ? lengths[b] : (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + last_page_lengths[b];
+  if (lengths != nullptr) return lengths[b];
+  const int pages = page_indptr[b + 1] - page_indptr[b];
+  return pages > 0 ? (pages - 1) * page_size + last_page_lengths[b] : 0;
 }
 
-/// Visible positions of query token t of T for a sequence of `length`: [0, length - T + t].
+/// Visible positions of query token t of T for a sequence of `length`: [0, length - T + t]; none
+/// (0) for an empty slot or a sequence shorter than T.
 __device__ __forceinline__ int visible_length(int length, int tokens, int t) {
-  return length - tokens + t + 1;
+  return max(length - tokens + t + 1, 0);
 }
 
 }  // namespace cuda_kernels

@@ -1,10 +1,11 @@
 // The lightning indexer on the GPU: a score pass over the indexer keys (tensor cores for 16-bit
 // keys) that also builds the first radix histogram, then an exact multi-CTA radix select.
 //
-//   score_kernel   grid (token tiles, sequences, row blocks): reads every visible indexer key once
+//   score_kernel   grid (token tiles of the planned max_length, sequences, row blocks): reads every
+//                  visible indexer key once
 //                  (16-byte loads), mma.sync m16n8k16 with the queries' heads as M, writes the
 //                  f32 scores and adds the top 11 bits of each candidate's key to hist0[row].
-//   filter_kernel  grid (position tiles, rows): finds the threshold bin of hist0, writes the
+//   filter_kernel  grid (rows, position tiles): finds the threshold bin of hist0, writes the
 //                  positions above it, compacts the bin's members (as routing keys), builds hist1.
 //   finish_kernel  one CTA per row: sinks and window, then the remaining radix passes over the
 //                  (usually small) candidate set, down to the position bits (ties to the lower
@@ -38,7 +39,6 @@ constexpr int kFilterTile = 4096;
 struct Workspace {
   std::int64_t stride;  // scores / candidate row stride (positions)
   std::size_t scores, hist0, hist1, counters, bitmap, candidates, spare, end;
-  std::size_t memset_begin, memset_bytes;
 
   Workspace(int rows, std::int64_t max_length) {
     auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
@@ -53,8 +53,6 @@ struct Workspace {
     candidates = align(bitmap + r * static_cast<std::size_t>(stride / 32) * 4);
     spare = align(candidates + 2 * r * row_bytes);  // 64-bit keys
     end = align(spare + 2 * r * row_bytes);
-    memset_begin = hist0;
-    memset_bytes = candidates - hist0;
   }
 };
 
@@ -73,14 +71,20 @@ struct SelectParams {
   std::uint64_t* spare;       // [rows][stride]
 };
 
+/// Length of sequence b as the plan sees it: one longer than the plan's max_length counts as
+/// empty (the finish kernel reports it), so no kernel reads or writes past the planned rows.
+__device__ __forceinline__ int planned_length(const IndexerArgs& a, int b) {
+  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  return length <= a.max_length ? length : 0;
+}
+
 /// What a query row must do: its visible length and the candidate range between sinks and window.
 struct RowPlan {
   int visible, sink_end, window_begin, forced, needed;
   bool selects;  // false when every visible position is routed (or sinks + window fill top_k)
 
   __device__ RowPlan(const IndexerArgs& a, int b, int t) {
-    visible = visible_length(sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b),
-                             a.tokens, t);
+    visible = visible_length(planned_length(a, b), a.tokens, t);
     sink_end = min(a.sinks, visible);
     window_begin = max(sink_end, visible - a.window);
     forced = sink_end + (visible - window_begin);
@@ -231,7 +235,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
   const int t_begin = blockIdx.z * p.rows_per_block;
   const int t_end = min(a.tokens, t_begin + p.rows_per_block);
   const int block_rows = t_end - t_begin;
-  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  const int length = planned_length(a, b);
   const int tile_begin = blockIdx.x * kScoreTile;
   if (tile_begin >= length) return;
 
@@ -381,7 +385,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
   const int t_begin = blockIdx.z * p.rows_per_block;
   const int t_end = min(a.tokens, t_begin + p.rows_per_block);
   const int block_rows = t_end - t_begin;
-  const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  const int length = planned_length(a, b);
   const int tile_begin = blockIdx.x * kScoreTile;
   if (tile_begin >= length) return;
   float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]
@@ -469,11 +473,11 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) 
   __shared__ unsigned histogram[kBins];
   __shared__ unsigned bases[2];
   const IndexerArgs& a = p.a;
-  const std::int64_t row = blockIdx.y;
+  const std::int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / a.tokens);
   const int t = static_cast<int>(row % a.tokens);
   const RowPlan plan(a, b, t);
-  const int tile_begin = plan.sink_end + blockIdx.x * kFilterTile;
+  const int tile_begin = plan.sink_end + static_cast<int>(blockIdx.y) * kFilterTile;
   if (!plan.selects || tile_begin >= plan.window_begin) return;
   const int tile_end = min(plan.window_begin, tile_begin + kFilterTile);
   const float* scores = p.scores + row * p.stride;
@@ -610,7 +614,15 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   const RowPlan plan(a, b, t);
   std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
   const int count = min(a.top_k, plan.visible);
-  if (threadIdx.x == 0) a.counts[b * a.counts_stride_b + t * a.counts_stride_t] = count;
+  if (threadIdx.x == 0) {
+    a.counts[b * a.counts_stride_b + t * a.counts_stride_t] = count;
+    if (t == 0) {
+      const int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+      if (length > a.max_length) {
+        report(a.status, RunStatus::length_beyond_plan, b, length, static_cast<int>(a.max_length));
+      }
+    }
+  }
   if (plan.visible <= a.top_k) {
     for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) positions[i] = i < plan.visible ? i : -1;
     return;
@@ -743,46 +755,79 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   }
 }
 
-template <auto Kernel>
-void launch_score(const SelectParams& p, dim3 grid, std::size_t shared, cudaStream_t stream) {
-  allow_shared_memory<Kernel>(shared, "cudaFuncSetAttribute (indexer scores)");
-  Kernel<<<grid, kScoreThreads, shared, stream>>>(p);
-  detail::cuda_check_launch("indexer score_kernel");
+using ScoreKernel = void (*)(SelectParams);
+
+/// The score kernels that exist: (dtype, index_dim) -> kernel; dim 0 means any multiple of 4.
+struct ScoreVariant {
+  DType dtype;
+  int dim;
+  ScoreKernel kernel;
+};
+const ScoreVariant kScoreVariants[] = {
+    {DType::bf16, 64, score_kernel_mma<__nv_bfloat16, 64>},
+    {DType::bf16, 128, score_kernel_mma<__nv_bfloat16, 128>},
+    {DType::f16, 64, score_kernel_mma<__half, 64>},
+    {DType::f16, 128, score_kernel_mma<__half, 128>},
+    {DType::f32, 0, score_kernel_f32},
+};
+
+int score_variant(DType dtype, int dim) {
+  for (int i = 0; i < static_cast<int>(sizeof(kScoreVariants) / sizeof(kScoreVariants[0])); ++i) {
+    const ScoreVariant& v = kScoreVariants[i];
+    if (v.dtype == dtype && (v.dim == dim || (v.dim == 0 && dim % 4 == 0))) return i;
+  }
+  return -1;
+}
+
+/// Shared memory of one query row in the score kernel, and the rows a CTA stages for T tokens.
+std::size_t query_row_bytes(DType dtype, int heads, int dim) {
+  if (dtype == DType::f32) return static_cast<std::size_t>(heads) * (dim + 1) * 4;
+  return static_cast<std::size_t>(ceil_div(heads, 16) * 16) * ((dim + 32) * 2 + 4);
+}
+int rows_per_block(std::size_t row_bytes, int tokens) {
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(tokens, kQueryBudget / row_bytes)));
 }
 
 }  // namespace
 
-int multiprocessor_count() {
-  static const int count = [] {
-    int device = 0;
-    int value = 0;
-    detail::cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    detail::cuda_check(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device),
-                       "cudaDeviceGetAttribute (multiprocessors)");
-    return value;
-  }();
-  return count;
+bool indexer_supports(DType dtype, int dim) {
+  return score_variant(dtype, dim) >= 0;
 }
 
-std::int64_t indexer_workspace_key(int num_sequences, int tokens, std::int64_t max_length) {
-  const Workspace w(num_sequences * tokens, max_length);
-  return static_cast<std::int64_t>(num_sequences) * tokens * (std::int64_t{1} << 32) + w.stride;
+IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim) {
+  // Grid limits: y and z extents of a launch are at most 65535.
+  const std::int64_t rows = std::int64_t{max_sequences} * max_tokens;
+  const std::int64_t filter_tiles = ceil_div(max_length, kFilterTile);
+  if (max_sequences > 65535 || max_tokens > 65535 || filter_tiles > 65535 || rows > INT32_MAX) {
+    detail::fail(ErrorCode::capacity_exceeded,
+                 detail::concat("bounds of ", max_sequences, " sequences x ", max_tokens, " query tokens, length ",
+                                max_length, " exceed what the CUDA kernels' grids hold (at most 65535 sequences, ",
+                                "65535 query tokens, ", std::int64_t{65535} * kFilterTile, " positions)"));
+  }
+  IndexerPlan plan;
+  plan.max_sequences = max_sequences;
+  plan.max_tokens = max_tokens;
+  plan.max_length = max_length;
+  const Workspace w(static_cast<int>(rows), max_length);
+  plan.stride = w.stride;
+  plan.bytes = w.end;
+  for (const ScoreVariant& v : kScoreVariants) {
+    if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
+    const std::size_t row_bytes = query_row_bytes(v.dtype, heads, dim);
+    allow_shared_memory(reinterpret_cast<const void*>(v.kernel),
+                        row_bytes * rows_per_block(row_bytes, max_tokens) + kBins * 4,
+                        "cudaFuncSetAttribute (indexer scores)");
+  }
+  return plan;
 }
 
-std::size_t indexer_workspace_bytes(int num_sequences, int tokens, std::int64_t max_length, int heads) {
-  (void)heads;
-  return Workspace(num_sequences * tokens, max_length).end;
-}
-
-void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, bool clear,
-                  cudaStream_t stream) {
+void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* workspace, cudaStream_t stream) {
   const int rows = args.num_sequences * args.tokens;
-  const Workspace w(rows, args.max_length);
-  if (w.end > workspace_bytes)
-    detail::fail(ErrorCode::capacity_exceeded, "index_select: workspace too small (internal)");
+  const Workspace w(plan.max_sequences * plan.max_tokens, plan.max_length);
   auto* base = static_cast<unsigned char*>(workspace);
   SelectParams p{};
   p.a = args;
+  p.a.max_length = plan.max_length;
   p.page_shift = log2_exact(args.layout.page_size);
   p.stride = w.stride;
   p.scores = reinterpret_cast<float*>(base + w.scores);
@@ -792,41 +837,21 @@ void index_select(const IndexerArgs& args, void* workspace, std::size_t workspac
   p.bitmap = reinterpret_cast<unsigned*>(base + w.bitmap);
   p.candidates = reinterpret_cast<std::uint64_t*>(base + w.candidates);
   p.spare = reinterpret_cast<std::uint64_t*>(base + w.spare);
-  if (clear) {
-    detail::cuda_check(cudaMemsetAsync(base + w.memset_begin, 0, w.memset_bytes, stream), "cudaMemsetAsync (indexer)");
-  }
 
-  const bool tensor_cores = args.layout.dtype != DType::f32;
-  std::size_t per_row = 0;
-  if (tensor_cores) {
-    p.padded_heads = static_cast<int>(ceil_div(args.heads, 16) * 16);
-    per_row = static_cast<std::size_t>(p.padded_heads) * ((args.dim + 32) * 2 + 4);
-  } else {
-    p.padded_heads = args.heads;
-    per_row = static_cast<std::size_t>(args.heads) * (args.dim + 1) * 4;
-  }
-  p.rows_per_block =
-      static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(args.tokens, kQueryBudget / per_row)));
-  const std::size_t shared = per_row * p.rows_per_block + kBins * 4;
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.max_length, kScoreTile)),
+  const DType dtype = args.layout.dtype;
+  const int variant = score_variant(dtype, args.dim);
+  if (variant < 0) detail::fail(ErrorCode::unsupported, "index_select: no score kernel (internal)");
+  p.padded_heads = dtype == DType::f32 ? args.heads : static_cast<int>(ceil_div(args.heads, 16) * 16);
+  const std::size_t row_bytes = query_row_bytes(dtype, args.heads, args.dim);
+  p.rows_per_block = rows_per_block(row_bytes, args.tokens);
+  const std::size_t shared = row_bytes * p.rows_per_block + kBins * 4;
+  // Launch sizes come from the plan (max_length), never from the lengths of the moment.
+  const dim3 grid(static_cast<unsigned>(ceil_div(plan.max_length, kScoreTile)),
                   static_cast<unsigned>(args.num_sequences),
                   static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
-  if (!tensor_cores) {
-    launch_score<score_kernel_f32>(p, grid, shared, stream);
-  } else if (args.layout.dtype == DType::bf16) {
-    if (args.dim == 64) {
-      launch_score<score_kernel_mma<__nv_bfloat16, 64>>(p, grid, shared, stream);
-    } else {
-      launch_score<score_kernel_mma<__nv_bfloat16, 128>>(p, grid, shared, stream);
-    }
-  } else {
-    if (args.dim == 64) {
-      launch_score<score_kernel_mma<__half, 64>>(p, grid, shared, stream);
-    } else {
-      launch_score<score_kernel_mma<__half, 128>>(p, grid, shared, stream);
-    }
-  }
-  filter_kernel<<<dim3(static_cast<unsigned>(ceil_div(args.max_length, kFilterTile)), static_cast<unsigned>(rows)),
+  kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
+  detail::cuda_check_launch("indexer score_kernel");
+  filter_kernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(plan.max_length, kFilterTile))),
                   kFilterThreads, 0, stream>>>(p);
   detail::cuda_check_launch("indexer filter_kernel");
   finish_kernel<<<static_cast<unsigned>(rows), kFinishThreads, 0, stream>>>(p);

@@ -1,5 +1,18 @@
 // Host-side entry points of libclsa's CUDA kernels (defined in cuda/*.cu). Included by src/ only
 // in builds with CUDA; argument checking happens before these are called.
+//
+// Plans. A component makes a plan once from its bounds (max sequences, max query tokens, max
+// length or top_k): the plan fixes the kernel variant, the grids, the split counts for every
+// batch size within the bounds and the workspace layout. Every later call inside the bounds runs
+// on that plan: launch sizes never depend on the host lengths of the moment, so a step captured
+// in a CUDA graph stays valid while the contexts grow (up to the planned length).
+//
+// The workspace invariant (the one place it is stated): the counters in a plan's workspace (the
+// indexer's histograms and per-row counters, the attention's split tickets) are zero between
+// calls. The component zeroes the whole workspace when it adopts a plan (reserve, set_workspace,
+// or an automatic plan for an unreserved component); every kernel that raises a counter returns
+// it to zero before the call ends, for every row it touched. The layout never moves while the
+// plan holds, so no call depends on what an earlier call of another batch size left behind.
 #pragma once
 
 #if CLSA_WITH_CUDA
@@ -11,6 +24,17 @@
 
 namespace clsa {
 namespace cuda_kernels {
+
+/// What kernels report that the host could not check before it launched them (a CUDA-graph
+/// replay runs no host code): the first report wins. Lives in host-mapped pinned memory, so the
+/// host reads it without a copy once the reporting kernel has finished.
+struct RunStatus {
+  enum Code : unsigned { fine = 0, length_beyond_plan = 1 };
+  unsigned code;
+  int sequence;  // batch index of the offending sequence
+  int length;    // its length
+  int limit;     // the plan's bound it exceeds
+};
 
 /// Copy of `tokens` new tokens of one sequence into its pages. Positions
 /// [first_position, first_position + tokens) must lie in `pages` (the sequence's pages from
@@ -31,6 +55,19 @@ struct AppendArgs {
 };
 void append_tokens(const AppendArgs& args, cudaStream_t stream);
 
+/// The indexer's plan: its bounds and the workspace layout (the same for every key dtype).
+struct IndexerPlan {
+  int max_sequences = 0, max_tokens = 0;
+  std::int64_t max_length = 0;  // the longest sequence a call may hold
+  std::int64_t stride = 0;      // positions per scores / candidates row
+  std::size_t bytes = 0;        // workspace bytes
+};
+/// Throws Error(capacity_exceeded) for bounds whose grids would not fit the launch limits. Sets
+/// the score kernels' shared-memory limits on the current device.
+IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim);
+/// Whether a score kernel exists for keys of `dtype` and `dim` (else select() is unsupported).
+bool indexer_supports(DType dtype, int dim);
+
 /// One select() of the indexer: scores, then top-k per query row.
 struct IndexerArgs {
   PagedCacheLayout layout;
@@ -40,7 +77,7 @@ struct IndexerArgs {
   const std::int32_t* page_indices;       // device
   int num_sequences;                      // B
   int tokens;                             // T
-  std::int64_t max_length;                // >= every length
+  std::int64_t max_length;                // the plan's: longer sequences are reported and route nothing
   const void* q;                          // [B, T, H, D] of layout.dtype
   std::int64_t q_stride_b, q_stride_t, q_stride_h;
   const void* weights;  // [B, T, H]
@@ -52,16 +89,24 @@ struct IndexerArgs {
   std::int64_t positions_stride_b, positions_stride_t;
   std::int32_t* counts;  // [B, T]
   std::int64_t counts_stride_b, counts_stride_t;
+  RunStatus* status;  // device view of the component's status
 };
-/// Device workspace select() needs for these bounds.
-std::size_t indexer_workspace_bytes(int num_sequences, int tokens, std::int64_t max_length, int heads);
-/// Enqueues the whole selection on `stream`; no allocation, no host synchronisation. The kernels
-/// leave the workspace's histograms and counters zero; `clear` zeroes them first, needed when
-/// the workspace is new or its layout (rows, max_length) differs from the previous call's.
-void index_select(const IndexerArgs& args, void* workspace, std::size_t workspace_bytes, bool clear,
-                  cudaStream_t stream);
-/// Identifies the workspace layout of a call (equal keys: same layout).
-std::int64_t indexer_workspace_key(int num_sequences, int tokens, std::int64_t max_length);
+/// Enqueues the whole selection on `stream`; no allocation, no host synchronisation.
+void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* workspace, cudaStream_t stream);
+
+/// The attention's plan: per cache dtype (f32, f16, bf16) the kernel variant and the resident CTA
+/// slots it fills; one workspace layout that serves every dtype and batch size in the bounds.
+struct AttentionPlan {
+  int max_rows = 0;       // max sequences x max query tokens
+  std::int64_t span = 0;  // top_k (sparse) or the longest length (dense)
+  int q_heads = 0, kv_heads = 0, dim = 0;
+  int variant[3] = {-1, -1, -1};  // by DType: index into the kernel table
+  std::int64_t slots[3] = {};     // resident CTAs of the variant on the device (multiprocessors x per SM)
+  std::size_t partial_out_offset = 0, partial_ml_offset = 0, bytes = 0;  // workspace layout
+};
+/// Throws Error(unsupported) for a (head_dim, group) without kernels.
+AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim);
+
 /// One forward() of sparse (positions != nullptr) or dense attention.
 struct AttentionArgs {
   PagedCacheLayout layout;
@@ -71,7 +116,6 @@ struct AttentionArgs {
   const std::int32_t* page_indices;
   int num_sequences;
   int tokens;
-  std::int64_t max_length;
   const void* q;  // [B, T, Hq, D] of layout.dtype
   std::int64_t q_stride_b, q_stride_t, q_stride_h;
   void* out;  // [B, T, Hq, D] of layout.dtype
@@ -85,12 +129,9 @@ struct AttentionArgs {
   const std::int32_t* counts;  // [B, T]
   std::int64_t counts_stride_b, counts_stride_t;
   int top_k;
+  RunStatus* status;  // dense: sequences longer than the plan's span are reported and write zeros
 };
-/// Device workspace forward() needs: `span` is top_k (sparse) or the longest length (dense).
-std::size_t attention_workspace_bytes(int num_sequences, int tokens, int q_heads, int dim, std::int64_t span);
-void attention(const AttentionArgs& args, void* workspace, std::size_t workspace_bytes, cudaStream_t stream);
-/// Number of multiprocessors of the current device (cached).
-int multiprocessor_count();
+void attention(const AttentionArgs& args, const AttentionPlan& plan, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda_kernels
 }  // namespace clsa

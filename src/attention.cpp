@@ -10,6 +10,8 @@
 #include "cpu_util.hpp"
 #include "cuda_check.hpp"
 #include "memory.hpp"
+#include "plan.hpp"
+#include "run_status.hpp"
 #include "thread_pool.hpp"
 
 #if CLSA_WITH_CUDA
@@ -20,15 +22,31 @@ namespace clsa {
 
 namespace {
 
-/// What sparse and dense attention share: configuration, device, workspace and both paths.
+/// What sparse and dense attention share: configuration, device, plan, workspace and both paths.
 struct AttentionCore {
   AttentionConfig config;
   Backend backend = Backend::cpu;
   Device device{};
   float scale = 0.0f;
+  const char* span_name;  // "top_k" (sparse) or "max_length" (dense): the plan's span
   detail::Workspace workspace;
+  detail::PlanBook plan_book;
+  void* base = nullptr;  // the workspace the plan carved
+#if CLSA_WITH_CUDA
+  cuda_kernels::AttentionPlan cuda_plan;
+  detail::RunStatusReport status;  // dense: sequences beyond the plan
+#endif
 
-  AttentionCore(const char* fn, const AttentionConfig& c, Backend requested) : config(c) {
+  /// A plan-less copy of the configuration (for sizing plans on the side).
+  AttentionCore(const AttentionCore& other, int /*probe*/)
+      : config(other.config),
+        backend(other.backend),
+        device(other.device),
+        scale(other.scale),
+        span_name(other.span_name) {}
+
+  AttentionCore(const char* fn, const AttentionConfig& c, Backend requested, const char* span)
+      : config(c), span_name(span) {
     detail::check_positive(fn, "config.num_q_heads", c.num_q_heads);
     detail::check_positive(fn, "config.num_kv_heads", c.num_kv_heads);
     detail::check_positive(fn, "config.head_dim", c.head_dim);
@@ -49,6 +67,9 @@ struct AttentionCore {
                    detail::concat(fn, ": config.head_dim = ", c.head_dim, "; the CUDA path supports 64, 128 and 256"));
     }
     workspace.set_device(device);
+#if CLSA_WITH_CUDA
+    if (backend == Backend::cuda) status.allocate();
+#endif
   }
 
   /// Floats of one CPU worker's scratch, rounded up so that every worker's scratch is aligned
@@ -61,19 +82,60 @@ struct AttentionCore {
     return (floats + 63) / 64 * 64;
   }
 
-  /// Workspace bytes for `rows` query rows attending over up to `span` tokens (top_k or length).
-  std::size_t bytes(int sequences, int tokens, std::int64_t span) const {
+  /// Makes the backend's plan for `bounds` (no memory touched); returns the workspace bytes.
+  std::size_t make_plan(const detail::Bounds& bounds) {
     if (backend == Backend::cpu) {
       detail::Carver counter;
-      carve_cpu(counter, static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens));
+      carve_cpu(counter, static_cast<std::size_t>(bounds.sequences) * static_cast<std::size_t>(bounds.tokens));
       return counter.used();
     }
 #if CLSA_WITH_CUDA
-    return cuda_kernels::attention_workspace_bytes(sequences, tokens, config.num_q_heads, config.head_dim, span);
+    cuda_plan = cuda_kernels::plan_attention(bounds.sequences * bounds.tokens, bounds.span, config.num_q_heads,
+                                             config.num_kv_heads, config.head_dim);
+    return cuda_plan.bytes;
 #else
-    (void)span;
     return 0;
 #endif
+  }
+
+  /// Bytes a plan for these bounds needs, made on the side (this object's plan stays).
+  std::size_t bytes(const char* fn, const detail::Bounds& bounds) const {
+    detail::check_bounds(fn, bounds, span_name);
+    const detail::DeviceGuard guard(device);
+    AttentionCore probe(*this, 0);
+    return probe.make_plan(bounds);
+  }
+
+  /// Adopts a plan for `bounds`: the workspace is sized and zeroed (on `stream` when on_stream).
+  /// All or nothing: a refused plan (bounds, caller memory) leaves the current one in place.
+  void adopt(const char* fn, const detail::Bounds& bounds, bool fixed, Stream stream, bool on_stream,
+             const detail::Workspace::External* external = nullptr) {
+    AttentionCore next(*this, 0);  // the plan is made on the side, then taken over
+    const std::size_t needed = next.make_plan(bounds);
+    base = workspace.adopt(fn, needed, stream, on_stream, external);
+#if CLSA_WITH_CUDA
+    cuda_plan = next.cuda_plan;
+#endif
+    plan_book.set(bounds, fixed);
+  }
+
+  void reserve(const char* fn, const detail::Bounds& bounds) {
+    detail::check_bounds(fn, bounds, span_name);
+    const detail::DeviceGuard guard(device);
+    adopt(fn, bounds, true, {}, false);
+  }
+
+  void set_workspace(const char* fn, void* data, std::size_t bytes, const detail::Bounds& bounds) {
+    detail::check_bounds(fn, bounds, span_name);
+    const detail::DeviceGuard guard(device);
+    const detail::Workspace::External external{data, bytes};
+    adopt(fn, bounds, true, {}, false, &external);
+  }
+
+  /// Plans (or checks against the plan) a call of `sequences` x `tokens` rows over `span`.
+  void prepare(const char* fn, int sequences, int tokens, std::int64_t span, bool round_span, Stream stream) {
+    const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(span, 1)};
+    if (plan_book.needs_plan(fn, call, span_name)) adopt(fn, plan_book.grown(call, round_span), false, stream, true);
   }
 
   /// CPU pieces: the queries widened to f32, then each worker's scratch.
@@ -86,7 +148,10 @@ struct AttentionCore {
 
   /// Checks shared by both: batch, q, out, lse; returns T.
   int check(const char* fn, const CacheBatch& batch, const TensorView& q, const TensorView& out,
-            const TensorView& lse) const {
+            const TensorView& lse) {
+#if CLSA_WITH_CUDA
+    status.check(fn, "its rows were written as zeros");
+#endif
     const AttentionConfig& c = config;
     if (batch.num_sequences() <= 0)
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
@@ -109,10 +174,10 @@ struct AttentionCore {
     if (lse.defined()) detail::check_tensor(fn, "lse", lse, DType::f32, device, {sequences, tokens, c.num_q_heads});
     if (backend == Backend::cuda) detail::check_vector_aligned(fn, "q", q);
     for (int b = 0; b < batch.num_sequences(); ++b) {
-      if (batch.length(b) < tokens) {
+      if (batch.length(b) > 0 && batch.length(b) < tokens) {
         detail::fail(ErrorCode::invalid_argument,
                      detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b),
-                                    " tokens, fewer than the T = ", tokens, " query tokens"));
+                                    " tokens, fewer than the T = ", tokens, " query tokens (an empty slot holds 0)"));
       }
     }
     return static_cast<int>(tokens);
@@ -127,7 +192,8 @@ struct AttentionCore {
     const int group = c.num_q_heads / c.num_kv_heads;
     const int dim = c.head_dim;
     const std::size_t rows = static_cast<std::size_t>(batch.num_sequences()) * static_cast<std::size_t>(tokens);
-    detail::Carver carver(workspace.get(fn, bytes(batch.num_sequences(), tokens, 0)));
+    (void)fn;
+    detail::Carver carver(base);
     const std::pair<float*, float*> pieces = carve_cpu(carver, rows);
     float* const queries = pieces.first;
     float* const scratch = pieces.second;
@@ -160,7 +226,7 @@ struct AttentionCore {
               paged, kv_head, dim, count, [routed](int i) { return routed[i]; }, query, group, scale, result,
               lse_values, attend_scratch);
         } else {
-          const int visible = static_cast<int>(batch.length(b) - tokens + t + 1);
+          const int visible = static_cast<int>(std::max<std::int64_t>(batch.length(b) - tokens + t + 1, 0));
           cpu::attend(
               paged, kv_head, dim, visible, [](int i) { return i; }, query, group, scale, result, lse_values,
               attend_scratch);
@@ -188,7 +254,6 @@ struct AttentionCore {
     args.page_indices = batch.device_page_indices();
     args.num_sequences = batch.num_sequences();
     args.tokens = static_cast<int>(q.size(1));
-    args.max_length = batch.max_length();
     args.q = q.data();
     args.q_stride_b = q.stride(0);
     args.q_stride_t = q.stride(1);
@@ -206,7 +271,6 @@ struct AttentionCore {
     args.kv_heads = config.num_kv_heads;
     args.dim = config.head_dim;
     args.scale = scale;
-    std::int64_t span = batch.max_length();
     if (routing != nullptr) {
       args.positions = routing->positions.data_as<const std::int32_t>();
       args.positions_stride_b = routing->positions.stride(0);
@@ -215,14 +279,10 @@ struct AttentionCore {
       args.counts_stride_b = routing->counts.stride(0);
       args.counts_stride_t = routing->counts.stride(1);
       args.top_k = routing->top_k;
-      span = routing->top_k;
     }
-    const std::size_t needed = bytes(args.num_sequences, args.tokens, span);
-    bool fresh = false;
-    void* work = workspace.get(fn, needed, &fresh);
-    // The kernels' split tickets must start at zero; the kernels leave them zero after a call.
-    if (fresh) detail::cuda_check(cudaMemsetAsync(work, 0, needed, stream), "cudaMemsetAsync (attention workspace)");
-    cuda_kernels::attention(args, work, needed, stream);
+    args.status = status.device_view();
+    (void)fn;
+    cuda_kernels::attention(args, cuda_plan, base, stream);
   }
 #endif
 
@@ -239,7 +299,7 @@ struct AttentionCore {
   }
 };
 
-/// CPU only (the values are on the host): every count in [1, top_k], every routed position
+/// CPU only (the values are on the host): every count in [0, top_k], every routed position
 /// visible to its query token. The CUDA kernels skip positions outside that range instead.
 void check_routing_values(const char* fn, const CacheBatch& batch, const RoutingIndex& routing, int tokens) {
   for (int b = 0; b < batch.num_sequences(); ++b) {
@@ -247,9 +307,9 @@ void check_routing_values(const char* fn, const CacheBatch& batch, const Routing
       const std::int64_t visible = batch.length(b) - tokens + t + 1;
       const std::int32_t count =
           routing.counts.data_as<const std::int32_t>()[b * routing.counts.stride(0) + t * routing.counts.stride(1)];
-      if (count < 1 || count > routing.top_k) {
+      if (count < 0 || count > routing.top_k) {
         detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": routing.counts[", b, ",", t, "] = ", count,
-                                                                 "; expected 1..top_k = ", routing.top_k));
+                                                                 "; expected 0..top_k = ", routing.top_k));
       }
       const std::int32_t* routed = routing.positions.data_as<const std::int32_t>() + b * routing.positions.stride(0) +
                                    t * routing.positions.stride(1);
@@ -275,7 +335,7 @@ struct DenseCrossAttention::State : AttentionCore {
 };
 
 SparseCrossAttention::SparseCrossAttention(const AttentionConfig& config, Backend backend)
-    : state_(std::make_unique<State>("SparseCrossAttention", config, backend)) {}
+    : state_(std::make_unique<State>("SparseCrossAttention", config, backend, "top_k")) {}
 SparseCrossAttention::~SparseCrossAttention() = default;
 SparseCrossAttention::SparseCrossAttention(SparseCrossAttention&&) noexcept = default;
 SparseCrossAttention& SparseCrossAttention::operator=(SparseCrossAttention&&) noexcept = default;
@@ -290,25 +350,22 @@ Device SparseCrossAttention::device() const {
 }
 
 std::size_t SparseCrossAttention::workspace_bytes(int max_sequences, int max_tokens, int top_k) const {
-  const char* fn = "SparseCrossAttention::workspace_bytes";
-  detail::check_positive(fn, "max_sequences", max_sequences);
-  detail::check_positive(fn, "max_tokens", max_tokens);
-  detail::check_positive(fn, "top_k", top_k);
-  return state_->bytes(max_sequences, max_tokens, top_k);
+  return state_->bytes("SparseCrossAttention::workspace_bytes", {max_sequences, max_tokens, top_k});
 }
 
-void SparseCrossAttention::set_workspace(void* data, std::size_t bytes) {
-  state_->workspace.provide("SparseCrossAttention::set_workspace", data, bytes);
+void SparseCrossAttention::set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens, int top_k) {
+  state_->set_workspace("SparseCrossAttention::set_workspace", data, bytes, {max_sequences, max_tokens, top_k});
 }
 
 void SparseCrossAttention::reserve(int max_sequences, int max_tokens, int top_k) {
-  state_->workspace.get("SparseCrossAttention::reserve", workspace_bytes(max_sequences, max_tokens, top_k));
+  state_->reserve("SparseCrossAttention::reserve", {max_sequences, max_tokens, top_k});
 }
 
 void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& routing, const TensorView& q,
                                    const TensorView& out, Stream stream, const TensorView& lse) {
   const char* fn = "SparseCrossAttention::forward";
   State& s = *state_;
+  const detail::DeviceGuard guard(s.device);
   const int tokens = s.check(fn, batch, q, out, lse);
   const std::int64_t sequences = batch.num_sequences();
   if (!routing.defined()) detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": routing is empty"));
@@ -317,11 +374,12 @@ void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& 
                        {sequences, tokens, routing.top_k});
   detail::check_tensor(fn, "routing.counts", routing.counts, DType::i32, s.device, {sequences, tokens});
   if (s.backend == Backend::cpu) check_routing_values(fn, batch, routing, tokens);
+  s.prepare(fn, static_cast<int>(sequences), tokens, routing.top_k, false, stream);
   s.forward(fn, batch, &routing, q, out, lse, stream);
 }
 
 DenseCrossAttention::DenseCrossAttention(const AttentionConfig& config, Backend backend)
-    : state_(std::make_unique<State>("DenseCrossAttention", config, backend)) {}
+    : state_(std::make_unique<State>("DenseCrossAttention", config, backend, "max_length")) {}
 DenseCrossAttention::~DenseCrossAttention() = default;
 DenseCrossAttention::DenseCrossAttention(DenseCrossAttention&&) noexcept = default;
 DenseCrossAttention& DenseCrossAttention::operator=(DenseCrossAttention&&) noexcept = default;
@@ -336,26 +394,31 @@ Device DenseCrossAttention::device() const {
 }
 
 std::size_t DenseCrossAttention::workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const {
-  const char* fn = "DenseCrossAttention::workspace_bytes";
-  detail::check_positive(fn, "max_sequences", max_sequences);
-  detail::check_positive(fn, "max_tokens", max_tokens);
-  detail::check_positive(fn, "max_length", max_length);
-  return state_->bytes(max_sequences, max_tokens, max_length);
+  return state_->bytes("DenseCrossAttention::workspace_bytes", {max_sequences, max_tokens, max_length});
 }
 
-void DenseCrossAttention::set_workspace(void* data, std::size_t bytes) {
-  state_->workspace.provide("DenseCrossAttention::set_workspace", data, bytes);
+void DenseCrossAttention::set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens,
+                                        std::int64_t max_length) {
+  state_->set_workspace("DenseCrossAttention::set_workspace", data, bytes, {max_sequences, max_tokens, max_length});
 }
 
 void DenseCrossAttention::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
-  state_->workspace.get("DenseCrossAttention::reserve", workspace_bytes(max_sequences, max_tokens, max_length));
+  state_->reserve("DenseCrossAttention::reserve", {max_sequences, max_tokens, max_length});
+}
+
+void DenseCrossAttention::check_status() {
+#if CLSA_WITH_CUDA
+  state_->status.check("DenseCrossAttention::check_status", "its rows were written as zeros");
+#endif
 }
 
 void DenseCrossAttention::forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream,
                                   const TensorView& lse) {
   const char* fn = "DenseCrossAttention::forward";
   State& s = *state_;
-  s.check(fn, batch, q, out, lse);
+  const detail::DeviceGuard guard(s.device);
+  const int tokens = s.check(fn, batch, q, out, lse);
+  s.prepare(fn, batch.num_sequences(), tokens, batch.max_length(), true, stream);
   s.forward(fn, batch, nullptr, q, out, lse, stream);
 }
 

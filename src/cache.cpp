@@ -19,50 +19,103 @@ namespace clsa {
 
 namespace detail {
 
-/// Tables of one CacheBatch: [lengths B | page_indptr B+1 | page_indices nnz] as one int32 array,
-/// on the host (pinned for CUDA batches) and, for CUDA, mirrored on the device.
+/// Tables of one CacheBatch, laid out for its capacity of C sequences and P pages as one int32
+/// array [lengths C | page_indptr C+1 | page_indices P], so that every table keeps its address
+/// for as long as the capacity holds. On CUDA the array lives on the device and is filled from
+/// two pinned staging copies in turn; on the CPU staging[0] is the table itself.
 struct BatchStorage {
   Device device{};
-  std::vector<std::int32_t> wrapped_lengths;  // host lengths of a CacheBatch::wrap
-  std::int32_t* host = nullptr;
-  std::size_t host_capacity = 0;  // int32 entries
+  bool fixed = false;  // reserve_batch: never grows
+  int capacity = 0;
+  std::size_t page_capacity = 0;
+  std::vector<std::int32_t> host_lengths;  // [capacity]: lengths (wrapped batches: computed)
+  std::int32_t* staging[2] = {nullptr, nullptr};
+  int next_staging = 0;
   Buffer device_tables;
 #if CLSA_WITH_CUDA
-  cudaEvent_t copied = nullptr;  // the last host->device copy; host staging is reused after it
+  cudaEvent_t copied[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
 #endif
 
+  std::size_t entries() const {
+    return 2 * static_cast<std::size_t>(capacity) + 1 + page_capacity;
+  }
+
   ~BatchStorage() {
+    release_staging();
+  }
+
+  void release_staging() {
 #if CLSA_WITH_CUDA
     if (device.is_cuda()) {
-      if (copied != nullptr) (void)cudaEventDestroy(copied);
-      (void)cudaFreeHost(host);
+      for (int i = 0; i < 2; ++i) {
+        if (copied[i] != nullptr) {
+          (void)cudaEventSynchronize(copied[i]);  // a copy out of the staging may be in flight
+          (void)cudaEventDestroy(copied[i]);
+        }
+        if (staging[i] != nullptr) (void)cudaFreeHost(staging[i]);
+        copied[i] = nullptr;
+        staging[i] = nullptr;
+      }
       return;
     }
 #endif
-    deallocate(Device::cpu(), host);
+    deallocate(Device::cpu(), staging[0]);
+    staging[0] = nullptr;
   }
 
-  std::int32_t* host_tables(std::size_t entries) {
+  /// (Re)allocates every table for `sequences` and `pages` (the contents are dropped).
+  void allocate_tables(int sequences, std::size_t pages) {
+    release_staging();
+    capacity = sequences;
+    page_capacity = pages;
+    const std::size_t bytes = entries() * sizeof(std::int32_t);
+    host_lengths.assign(static_cast<std::size_t>(capacity), 0);
 #if CLSA_WITH_CUDA
     if (device.is_cuda()) {
-      if (copied != nullptr) cuda_check(cudaEventSynchronize(copied), "cudaEventSynchronize (batch tables)");
-      if (entries > host_capacity) {
-        void* fresh = nullptr;
-        cuda_check(cudaMallocHost(&fresh, entries * sizeof(std::int32_t)), "cudaMallocHost (batch tables)");
-        (void)cudaFreeHost(host);
-        host = static_cast<std::int32_t*>(fresh);
-        host_capacity = entries;
+      for (int i = 0; i < 2; ++i) {
+        void* memory = nullptr;
+        cuda_check(cudaMallocHost(&memory, bytes), "cudaMallocHost (batch tables)");
+        staging[i] = static_cast<std::int32_t*>(memory);
+        std::memset(memory, 0, bytes);
+        cuda_check(cudaEventCreateWithFlags(&copied[i], cudaEventDisableTiming), "cudaEventCreate (batch tables)");
       }
-      return host;
+      device_tables.set_device(device);
+      device_tables.ensure(bytes);
+      cuda_check(cudaMemset(device_tables.data(), 0, bytes), "cudaMemset (batch tables)");
+      return;
     }
 #endif
-    if (entries > host_capacity) {
-      void* fresh = allocate(Device::cpu(), entries * sizeof(std::int32_t));
-      deallocate(Device::cpu(), host);
-      host = static_cast<std::int32_t*>(fresh);
-      host_capacity = entries;
+    staging[0] = static_cast<std::int32_t*>(allocate(Device::cpu(), bytes));
+    std::memset(staging[0], 0, bytes);
+  }
+
+  /// The host array the next refill writes (CUDA: the staging buffer whose last copy is done).
+  std::int32_t* next_tables() {
+#if CLSA_WITH_CUDA
+    if (device.is_cuda()) {
+      cuda_check(cudaEventSynchronize(copied[next_staging]), "cudaEventSynchronize (batch tables)");
+      return staging[next_staging];
     }
-    return host;
+#endif
+    return staging[0];
+  }
+
+  /// Publishes the host array just written (`used` leading entries) to the kernels' tables.
+  const std::int32_t* publish(std::size_t used, Stream stream) {
+#if CLSA_WITH_CUDA
+    if (device.is_cuda()) {
+      const int s = next_staging;
+      cuda_check(cudaMemcpyAsync(device_tables.data(), staging[s], used * sizeof(std::int32_t), cudaMemcpyHostToDevice,
+                                 stream.cuda()),
+                 "cudaMemcpyAsync (batch tables)");
+      cuda_check(cudaEventRecord(copied[s], stream.cuda()), "cudaEventRecord (batch tables)");
+      next_staging = 1 - s;
+      return static_cast<const std::int32_t*>(device_tables.data());
+    }
+#endif
+    (void)used;
+    (void)stream;
+    return staging[0];
   }
 };
 
@@ -378,6 +431,7 @@ void SharedKVCache::append(SequenceId sequence, const TensorView& k, const Tenso
   }
 
   try {
+    const detail::DeviceGuard guard(s.device);
     if (s.device.is_cpu()) {
       copy_tokens_host(s.layout, s.page_shift, pages_snapshot.data(), first_position, k, v, index_keys);
     } else {
@@ -410,67 +464,120 @@ CacheBatch SharedKVCache::batch(Span<SequenceId> sequences, Stream stream) const
   return result;
 }
 
+CacheBatch SharedKVCache::reserve_batch(int max_sequences, std::int64_t max_length) const {
+  const char* fn = "SharedKVCache::reserve_batch";
+  detail::check_positive(fn, "max_sequences", max_sequences);
+  detail::check_positive(fn, "max_length", max_length);
+  const State& s = *state_;
+  const std::int64_t pages = std::int64_t{max_sequences} * ((max_length + s.config.page_size - 1) >> s.page_shift);
+  if (pages > INT32_MAX) {
+    detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": ", max_sequences, " sequences of ", max_length,
+                                                             " tokens need ", pages, " pages; tables hold int32"));
+  }
+  const detail::DeviceGuard guard(s.device);
+  CacheBatch result;
+  result.storage_ = std::make_shared<detail::BatchStorage>();
+  detail::BatchStorage& storage = *result.storage_;
+  storage.device = s.device;
+  storage.fixed = true;
+  storage.allocate_tables(max_sequences, static_cast<std::size_t>(pages));
+  result.layout_ = s.layout;
+  result.num_sequences_ = 0;
+  result.max_length_ = 0;
+  result.point_at_tables(storage.publish(0, {}));
+  return result;
+}
+
 void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream stream) const {
   const char* fn = "SharedKVCache::batch";
   const State& s = *state_;
   if (sequences.empty()) detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequences is empty"));
-  if (!reuse.storage_ || reuse.storage_->device != s.device) {
+  const detail::DeviceGuard guard(s.device);
+  if (reuse.storage_ && (reuse.storage_->device != s.device || reuse.device_lengths_ == nullptr)) {
+    if (reuse.storage_->fixed) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": reuse was reserved for another cache (", device_name(reuse.storage_->device),
+                                  ") or wraps engine tables"));
+    }
+    reuse.storage_.reset();
+  }
+  if (!reuse.storage_) {
     reuse.storage_ = std::make_shared<detail::BatchStorage>();
     reuse.storage_->device = s.device;
-    reuse.storage_->device_tables.set_device(s.device);
   }
   detail::BatchStorage& storage = *reuse.storage_;
   const std::size_t count = sequences.size();
-  std::int64_t max_length = 0;
-  {
-    std::lock_guard<std::mutex> lock(s.mutex);
-    std::size_t total_pages = 0;
-    for (std::size_t i = 0; i < count; ++i) {
-      auto it = s.sequences.find(static_cast<std::int64_t>(sequences[i]));
-      if (it == s.sequences.end()) {
-        detail::fail(ErrorCode::unknown_sequence,
-                     detail::concat(fn, ": sequences[", i, "] = ", static_cast<std::int64_t>(sequences[i]),
-                                    " is not in this cache"));
-      }
-      total_pages += it->second.pages.size();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  // Everything is checked before anything is written.
+  std::size_t total_pages = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    if (sequences[i] == empty_slot) continue;
+    auto it = s.sequences.find(static_cast<std::int64_t>(sequences[i]));
+    if (it == s.sequences.end()) {
+      detail::fail(ErrorCode::unknown_sequence,
+                   detail::concat(fn, ": sequences[", i, "] = ", static_cast<std::int64_t>(sequences[i]),
+                                  " is not in this cache"));
     }
-    const std::size_t entries = count + (count + 1) + total_pages;
-    std::int32_t* host = storage.host_tables(entries);
-    std::int32_t* lengths = host;
-    std::int32_t* indptr = host + count;
-    std::int32_t* indices = indptr + count + 1;
-    indptr[0] = 0;
-    for (std::size_t i = 0; i < count; ++i) {
-      const SequenceState& seq = s.sequences.find(static_cast<std::int64_t>(sequences[i]))->second;
-      lengths[i] = static_cast<std::int32_t>(seq.length);
-      max_length = std::max(max_length, seq.length);
-      std::copy(seq.pages.begin(), seq.pages.end(), indices + indptr[i]);
-      indptr[i + 1] = indptr[i] + static_cast<std::int32_t>(seq.pages.size());
-    }
-    const std::int32_t* device_tables = host;
-#if CLSA_WITH_CUDA
-    if (s.device.is_cuda()) {
-      auto* tables = storage.device_tables.ensure_as<std::int32_t>(entries);
-      detail::cuda_check(
-          cudaMemcpyAsync(tables, host, entries * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream.cuda()),
-          "cudaMemcpyAsync (batch tables)");
-      if (storage.copied == nullptr) {
-        detail::cuda_check(cudaEventCreateWithFlags(&storage.copied, cudaEventDisableTiming), "cudaEventCreate");
-      }
-      detail::cuda_check(cudaEventRecord(storage.copied, stream.cuda()), "cudaEventRecord (batch tables)");
-      device_tables = tables;
-    }
-#endif
-    (void)stream;
-    reuse.layout_ = s.layout;
-    reuse.num_sequences_ = static_cast<int>(count);
-    reuse.max_length_ = max_length;
-    reuse.host_lengths_ = lengths;
-    reuse.device_lengths_ = device_tables;
-    reuse.device_last_page_lengths_ = nullptr;
-    reuse.device_page_indptr_ = device_tables + count;
-    reuse.device_page_indices_ = device_tables + 2 * count + 1;
+    total_pages += it->second.pages.size();
   }
+  if (count > static_cast<std::size_t>(storage.capacity) || total_pages > storage.page_capacity) {
+    if (storage.fixed) {
+      detail::fail(ErrorCode::capacity_exceeded,
+                   detail::concat(fn, ": ", count, " sequences holding ", total_pages,
+                                  " pages do not fit the batch reserved for ", storage.capacity, " sequences and ",
+                                  storage.page_capacity, " pages (reserve_batch with larger bounds)"));
+    }
+    // Grow geometrically, so a decoding loop whose sequences cross pages soon stops allocating.
+    storage.allocate_tables(
+        static_cast<int>(std::max<std::size_t>(count, 2 * static_cast<std::size_t>(storage.capacity))),
+        std::max(total_pages, 2 * storage.page_capacity));
+  }
+  const std::size_t capacity = static_cast<std::size_t>(storage.capacity);
+  std::int32_t* host = storage.next_tables();
+  std::int32_t* lengths = host;
+  std::int32_t* indptr = host + capacity;
+  std::int32_t* indices = indptr + capacity + 1;
+  std::int64_t max_length = 0;
+  indptr[0] = 0;
+  for (std::size_t i = 0; i < capacity; ++i) {
+    std::int32_t length = 0;
+    std::int32_t pages = 0;
+    if (i < count && sequences[i] != empty_slot) {
+      const SequenceState& seq = s.sequences.find(static_cast<std::int64_t>(sequences[i]))->second;
+      length = static_cast<std::int32_t>(seq.length);
+      pages = static_cast<std::int32_t>(seq.pages.size());
+      std::copy(seq.pages.begin(), seq.pages.end(), indices + indptr[i]);
+    }
+    lengths[i] = length;
+    storage.host_lengths[i] = length;
+    max_length = std::max<std::int64_t>(max_length, length);
+    indptr[i + 1] = indptr[i] + pages;
+  }
+  reuse.layout_ = s.layout;
+  reuse.num_sequences_ = static_cast<int>(count);
+  reuse.max_length_ = max_length;
+  reuse.point_at_tables(storage.publish(2 * capacity + 1 + total_pages, stream));
+}
+
+void CacheBatch::point_at_tables(const std::int32_t* tables) {
+  const std::size_t capacity = static_cast<std::size_t>(storage_->capacity);
+  host_lengths_ = storage_->host_lengths.data();
+  device_lengths_ = tables;
+  device_last_page_lengths_ = nullptr;
+  device_page_indptr_ = tables + capacity;
+  device_page_indices_ = tables + 2 * capacity + 1;
+}
+
+int CacheBatch::capacity() const {
+  return storage_ ? storage_->capacity : 0;
+}
+
+std::int64_t CacheBatch::page_capacity() const {
+  return storage_ ? static_cast<std::int64_t>(storage_->page_capacity) : 0;
+}
+
+bool CacheBatch::fixed_capacity() const {
+  return storage_ && storage_->fixed;
 }
 
 void validate_layout(const char* what, const PagedCacheLayout& l) {
@@ -544,22 +651,24 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
   if (indptr[0] != 0)
     detail::fail(ErrorCode::invalid_argument,
                  detail::concat(fn, ": tables.page_indptr[0] = ", indptr[0], "; it must be 0"));
-  if (!reuse.storage_ || reuse.storage_->device != pool.device) {
+  if (!reuse.storage_ || reuse.storage_->device != pool.device || reuse.storage_->capacity > 0) {
     reuse.storage_ = std::make_shared<detail::BatchStorage>();
     reuse.storage_->device = pool.device;
   }
-  std::vector<std::int32_t>& lengths = reuse.storage_->wrapped_lengths;
+  std::vector<std::int32_t>& lengths = reuse.storage_->host_lengths;
   lengths.resize(static_cast<std::size_t>(count));
   std::int64_t max_length = 0;
   for (int b = 0; b < count; ++b) {
     const std::int64_t pages = std::int64_t{indptr[b + 1]} - indptr[b];
-    if (pages < 1 || last[b] < 1 || last[b] > pool.page_size) {
+    const bool empty = pages == 0 && last[b] == 0;
+    if (!empty && (pages < 1 || last[b] < 1 || last[b] > pool.page_size)) {
       detail::fail(ErrorCode::invalid_argument,
-                   detail::concat(fn, ": sequence ", b, " has ", pages, " pages (page_indptr[", b, "..", b + 1, "] = ",
-                                  indptr[b], "..", indptr[b + 1], ") and last_page_lengths[", b, "] = ", last[b],
-                                  "; each sequence needs >= 1 page and a last page length in 1..", pool.page_size));
+                   detail::concat(fn, ": sequence ", b, " has ", pages, " pages (page_indptr[", b, "..", b + 1,
+                                  "] = ", indptr[b], "..", indptr[b + 1], ") and last_page_lengths[", b,
+                                  "] = ", last[b], "; each sequence needs >= 1 page and a last page length in 1..",
+                                  pool.page_size, ", or 0 pages and last page length 0 (an empty slot)"));
     }
-    const std::int64_t length = (pages - 1) * pool.page_size + last[b];
+    const std::int64_t length = empty ? 0 : (pages - 1) * pool.page_size + last[b];
     if (length > INT32_MAX)
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequence ", b, " is too long"));
     lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length);

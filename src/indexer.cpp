@@ -9,6 +9,8 @@
 #include "cpu_util.hpp"
 #include "cuda_check.hpp"
 #include "memory.hpp"
+#include "plan.hpp"
+#include "run_status.hpp"
 #include "thread_pool.hpp"
 
 #if CLSA_WITH_CUDA
@@ -33,7 +35,12 @@ struct CrossLayerIndexer::State {
   // One workspace holds everything: the RoutingIndex that select() returns (positions
   // [B, T, top_k], counts [B, T]) and the backend's scratch.
   detail::Workspace workspace;
-  std::int64_t workspace_key = -1;  // layout of the last CUDA select (see cuda_kernels::index_select)
+  detail::PlanBook plan_book;  // bounds (span = max_length)
+  void* base = nullptr;        // the workspace the plan carved
+#if CLSA_WITH_CUDA
+  cuda_kernels::IndexerPlan cuda_plan;
+  detail::RunStatusReport status;
+#endif
 
   /// The pieces of the workspace for `rows` query rows over sequences up to `max_length`.
   struct Pieces {
@@ -64,17 +71,37 @@ struct CrossLayerIndexer::State {
     }
 #if CLSA_WITH_CUDA
     if (backend == Backend::cuda) {
-      pieces.device_scratch_bytes =
-          cuda_kernels::indexer_workspace_bytes(sequences, tokens, max_length, config.num_heads);
+      pieces.device_scratch_bytes = cuda_plan.bytes;
       pieces.device_scratch = carver.take<unsigned char>(pieces.device_scratch_bytes);
     }
 #endif
     return pieces;
   }
-  std::size_t bytes(int sequences, int tokens, std::int64_t max_length) const {
+  /// Makes the backend's plan for `bounds` (no memory touched) and returns the workspace bytes.
+  std::size_t make_plan(const detail::Bounds& bounds) {
+#if CLSA_WITH_CUDA
+    if (backend == Backend::cuda) {
+      cuda_plan =
+          cuda_kernels::plan_indexer(bounds.sequences, bounds.tokens, bounds.span, config.num_heads, config.index_dim);
+    }
+#endif
     detail::Carver counter;
-    carve(counter, sequences, tokens, max_length);
+    carve(counter, bounds.sequences, bounds.tokens, bounds.span);
     return counter.used();
+  }
+  /// Adopts a plan for `bounds`: the workspace is sized and zeroed (on `stream` when on_stream).
+  /// All or nothing: a refused plan (bounds, caller memory) leaves the current one in place.
+  void adopt(const char* fn, const detail::Bounds& bounds, bool fixed, Stream stream, bool on_stream,
+             const detail::Workspace::External* external = nullptr) {
+    State next;  // the plan is made on the side, then taken over
+    next.config = config;
+    next.backend = backend;
+    const std::size_t needed = next.make_plan(bounds);
+    base = workspace.adopt(fn, needed, stream, on_stream, external);
+#if CLSA_WITH_CUDA
+    cuda_plan = next.cuda_plan;
+#endif
+    plan_book.set(bounds, fixed);
   }
   /// Floats of one CPU worker's scratch, rounded up so that every worker's is aligned alike
   /// (results must not depend on which worker ran an item).
@@ -83,8 +110,7 @@ struct CrossLayerIndexer::State {
   }
 
   /// Checks batch, q_idx and head_weights; returns T.
-  int check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx,
-                   const TensorView& head_weights) const;
+  int check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights);
   /// Selects into `out`, or (out == nullptr) into the workspace's own index, returned in *returned.
   void run(const char* fn, const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
            const RoutingIndex* out, RoutingIndex* returned, Stream stream);
@@ -92,7 +118,7 @@ struct CrossLayerIndexer::State {
                   const RoutingIndex& out, const Pieces& pieces);
 #if CLSA_WITH_CUDA
   void select_cuda(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
-                   const RoutingIndex& out, const Pieces& pieces, bool fresh, cudaStream_t stream);
+                   const RoutingIndex& out, const Pieces& pieces, cudaStream_t stream);
 #endif
 };
 
@@ -121,6 +147,9 @@ CrossLayerIndexer::CrossLayerIndexer(const IndexerConfig& config, Backend backen
   s.backend = resolve_backend(backend);
   s.device = backend_device(s.backend);
   s.workspace.set_device(s.device);
+#if CLSA_WITH_CUDA
+  if (s.backend == Backend::cuda) s.status.allocate();
+#endif
 }
 
 CrossLayerIndexer::~CrossLayerIndexer() = default;
@@ -139,23 +168,44 @@ Device CrossLayerIndexer::device() const {
 
 std::size_t CrossLayerIndexer::workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const {
   const char* fn = "CrossLayerIndexer::workspace_bytes";
-  detail::check_positive(fn, "max_sequences", max_sequences);
-  detail::check_positive(fn, "max_tokens", max_tokens);
-  detail::check_positive(fn, "max_length", max_length);
-  return state_->bytes(max_sequences, max_tokens, max_length);
+  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
+  detail::check_bounds(fn, bounds, "max_length");
+  const detail::DeviceGuard guard(state_->device);
+  State probe_state;  // a plan made on the side: this object's plan stays as it is
+  probe_state.config = state_->config;
+  probe_state.backend = state_->backend;
+  return probe_state.make_plan(bounds);
 }
 
-void CrossLayerIndexer::set_workspace(void* data, std::size_t bytes) {
-  state_->workspace.provide("CrossLayerIndexer::set_workspace", data, bytes);
-  state_->workspace_key = -1;
+void CrossLayerIndexer::set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens,
+                                      std::int64_t max_length) {
+  const char* fn = "CrossLayerIndexer::set_workspace";
+  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
+  detail::check_bounds(fn, bounds, "max_length");
+  const detail::DeviceGuard guard(state_->device);
+  const detail::Workspace::External external{data, bytes};
+  state_->adopt(fn, bounds, true, {}, false, &external);
 }
 
 void CrossLayerIndexer::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
-  state_->workspace.get("CrossLayerIndexer::reserve", workspace_bytes(max_sequences, max_tokens, max_length));
+  const char* fn = "CrossLayerIndexer::reserve";
+  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
+  detail::check_bounds(fn, bounds, "max_length");
+  const detail::DeviceGuard guard(state_->device);
+  state_->adopt(fn, bounds, true, {}, false);
+}
+
+void CrossLayerIndexer::check_status() {
+#if CLSA_WITH_CUDA
+  state_->status.check("CrossLayerIndexer::check_status", "its query rows routed nothing");
+#endif
 }
 
 int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx,
-                                           const TensorView& head_weights) const {
+                                           const TensorView& head_weights) {
+#if CLSA_WITH_CUDA
+  status.check(fn, "its query rows routed nothing");
+#endif
   const IndexerConfig& c = config;
   if (batch.num_sequences() <= 0) {
     detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
@@ -175,10 +225,11 @@ int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& bat
   detail::check_positive(fn, "q_idx.size(1) (query tokens T)", tokens);
   detail::check_float_tensor(fn, "head_weights", head_weights, device, {sequences, tokens, c.num_heads});
   for (int b = 0; b < batch.num_sequences(); ++b) {
-    if (batch.length(b) < tokens) {
-      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b),
-                                                               " tokens, fewer than the T = ", tokens,
-                                                               " query tokens (append the query tokens' keys first)"));
+    if (batch.length(b) > 0 && batch.length(b) < tokens) {
+      detail::fail(
+          ErrorCode::invalid_argument,
+          detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b), " tokens, fewer than the T = ", tokens,
+                         " query tokens (append the query tokens' keys first; an empty slot holds 0)"));
     }
   }
 #if CLSA_WITH_CUDA
@@ -199,10 +250,11 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
                                    Stream stream) {
   const int tokens = static_cast<int>(q_idx.size(1));
   const int sequences = batch.num_sequences();
-  bool fresh = false;
-  void* base = workspace.get(fn, bytes(sequences, tokens, batch.max_length()), &fresh);
+  const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(batch.max_length(), 1)};
+  if (plan_book.needs_plan(fn, call, "max_length")) adopt(fn, plan_book.grown(call, true), false, stream, true);
+  const detail::Bounds& bounds = plan_book.bounds();
   detail::Carver carver(base);
-  const Pieces pieces = carve(carver, sequences, tokens, batch.max_length());
+  const Pieces pieces = carve(carver, bounds.sequences, bounds.tokens, bounds.span);
   RoutingIndex target;
   if (out == nullptr) {
     target.top_k = config.top_k;
@@ -216,7 +268,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
     return;
   }
 #if CLSA_WITH_CUDA
-  select_cuda(batch, q_idx, head_weights, *out, pieces, fresh, stream.cuda());
+  select_cuda(batch, q_idx, head_weights, *out, pieces, stream.cuda());
 #endif
   (void)stream;
 }
@@ -225,6 +277,7 @@ RoutingIndex CrossLayerIndexer::select(const CacheBatch& batch, const TensorView
                                        Stream stream) {
   const char* fn = "CrossLayerIndexer::select";
   State& s = *state_;
+  const detail::DeviceGuard guard(s.device);
   s.check_inputs(fn, batch, q_idx, head_weights);
   RoutingIndex returned;
   s.run(fn, batch, q_idx, head_weights, nullptr, &returned, stream);
@@ -235,6 +288,7 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
                                const RoutingIndex& out, Stream stream) {
   const char* fn = "CrossLayerIndexer::select";
   State& s = *state_;
+  const detail::DeviceGuard guard(s.device);
   const std::int64_t tokens = s.check_inputs(fn, batch, q_idx, head_weights);
   const std::int64_t sequences = batch.num_sequences();
   detail::check_tensor(fn, "out.positions", out.positions, DType::i32, s.device, {sequences, tokens, s.config.top_k});
@@ -251,7 +305,7 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
   const int tokens = static_cast<int>(q_idx.size(1));
   const int heads = c.num_heads;
   const int dim = c.index_dim;
-  const std::int64_t stride = batch.max_length();  // scores row stride
+  const std::int64_t stride = plan_book.bounds().span;  // scores row stride
   const std::size_t rows = static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens);
 
   float* queries = pieces.queries;
@@ -296,7 +350,7 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
   pool.parallel_for(static_cast<std::int64_t>(rows), [&](std::int64_t row, int worker) {
     const int b = static_cast<int>(row / tokens);
     const int t = static_cast<int>(row % tokens);
-    const int visible = static_cast<int>(batch.length(b) - tokens + t + 1);
+    const int visible = static_cast<int>(std::max<std::int64_t>(batch.length(b) - tokens + t + 1, 0));
     std::uint64_t* key_scratch = pieces.keys + static_cast<std::size_t>(worker) * static_cast<std::size_t>(stride);
     std::int32_t* routed = routed_positions + b * out.positions.stride(0) + t * out.positions.stride(1);
     const int count = cpu::select_row(scores + static_cast<std::size_t>(row) * stride, visible, c.top_k, c.sink_tokens,
@@ -309,7 +363,7 @@ void CrossLayerIndexer::State::select_cpu(const CacheBatch& batch, const TensorV
 #if CLSA_WITH_CUDA
 void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const TensorView& q_idx,
                                            const TensorView& head_weights, const RoutingIndex& out,
-                                           const Pieces& pieces, bool fresh, cudaStream_t stream) {
+                                           const Pieces& pieces, cudaStream_t stream) {
   const IndexerConfig& c = config;
   cuda_kernels::IndexerArgs args{};
   args.layout = batch.layout();
@@ -319,7 +373,7 @@ void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const Tensor
   args.page_indices = batch.device_page_indices();
   args.num_sequences = batch.num_sequences();
   args.tokens = static_cast<int>(q_idx.size(1));
-  args.max_length = batch.max_length();
+  args.max_length = cuda_plan.max_length;
   args.q = q_idx.data();
   args.q_stride_b = q_idx.stride(0);
   args.q_stride_t = q_idx.stride(1);
@@ -340,12 +394,8 @@ void CrossLayerIndexer::State::select_cuda(const CacheBatch& batch, const Tensor
   args.counts = out.counts.data_as<std::int32_t>();
   args.counts_stride_b = out.counts.stride(0);
   args.counts_stride_t = out.counts.stride(1);
-  // The kernels leave their histograms and counters zero; new workspace memory or another layout
-  // needs them cleared first.
-  const std::int64_t key = cuda_kernels::indexer_workspace_key(args.num_sequences, args.tokens, args.max_length);
-  const bool clear = fresh || key != workspace_key;
-  workspace_key = key;
-  cuda_kernels::index_select(args, pieces.device_scratch, pieces.device_scratch_bytes, clear, stream);
+  args.status = status.device_view();
+  cuda_kernels::index_select(args, cuda_plan, pieces.device_scratch, stream);
 }
 #endif
 

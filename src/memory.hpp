@@ -42,25 +42,44 @@ class Buffer {
   std::size_t capacity_ = 0;
 };
 
-/// A component's workspace: its own buffer, which grows on demand, or memory the caller provided
-/// (set_workspace), which never grows: a call that needs more raises Error(capacity_exceeded).
+/// A component's workspace: its own buffer, or memory the caller provided (set_workspace), which
+/// never grows. A plan adopts it: the own buffer grows to the plan's size, caller memory must
+/// hold it; either way it is zeroed then (the workspace invariant of cuda/kernels.hpp).
 class Workspace {
  public:
   void set_device(Device device) { owned_.set_device(device); }
   Device device() const { return owned_.device(); }
-  /// Switches to caller memory (on device(), `bytes` long); zeroes it.
-  void provide(const char* function, void* data, std::size_t bytes);
+  /// Caller memory (set_workspace): on device(), `bytes` long, 256-byte aligned.
+  struct External {
+    void* data;
+    std::size_t bytes;
+  };
   bool external() const { return external_; }
-  /// At least `bytes` of workspace. `fresh` (optional) tells whether this memory is new to the
-  /// component (grown, or provided since the last call), whose contents are then undefined.
-  void* get(const char* function, std::size_t bytes, bool* fresh = nullptr);
+  /// `bytes` of zeroed workspace for a new plan: in `external` memory from now on when given
+  /// (checked first: a refused one changes nothing), else the current memory. CUDA memory is
+  /// zeroed on `stream` when on_stream, else synchronously (outside any capture).
+  void* adopt(const char* function, std::size_t bytes, Stream stream, bool on_stream,
+              const External* external = nullptr);
+  void* data() const { return data_; }
 
  private:
   Buffer owned_;
   void* data_ = nullptr;
   std::size_t size_ = 0;
   bool external_ = false;
-  bool fresh_ = false;
+};
+
+/// Makes a CUDA device current for the scope and restores the caller's device after (nothing for
+/// the CPU): every entry point runs on its component's device whatever device is current.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(Device device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  [[maybe_unused]] int previous_ = -1;  // CPU-only builds never set it
 };
 
 /// Hands out 256-byte aligned pieces of one block in order; with a null base it only counts, so

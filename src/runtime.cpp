@@ -167,6 +167,7 @@ void* allocate(Device device, std::size_t bytes) {
     }
   }
 #if CLSA_WITH_CUDA
+  const DeviceGuard guard(device);
   void* pointer = nullptr;
   const cudaError_t status = cudaMalloc(&pointer, bytes);
   if (status != cudaSuccess) {
@@ -188,7 +189,12 @@ void deallocate(Device device, void* pointer) noexcept {
     return;
   }
 #if CLSA_WITH_CUDA
-  (void)cudaFree(pointer);
+  try {
+    const DeviceGuard guard(device);
+    (void)cudaFree(pointer);
+  } catch (const Error&) {
+    // No device to switch to (a dying process): nothing can be freed there anyway.
+  }
 #endif
 }
 
@@ -232,44 +238,67 @@ void* Buffer::ensure(std::size_t bytes, bool* reallocated) {
   return data_;
 }
 
-void Workspace::provide(const char* function, void* data, std::size_t bytes) {
-  if (data == nullptr || bytes == 0) {
-    fail(ErrorCode::invalid_argument, concat(function, ": workspace is empty (data ", data, ", ", bytes, " bytes)"));
+void* Workspace::adopt(const char* function, std::size_t bytes, Stream stream, bool on_stream,
+                       const External* external) {
+  if (external != nullptr) {
+    if (external->data == nullptr || external->bytes == 0) {
+      fail(ErrorCode::invalid_argument,
+           concat(function, ": workspace is empty (data ", external->data, ", ", external->bytes, " bytes)"));
+    }
+    if (reinterpret_cast<std::uintptr_t>(external->data) % 256 != 0) {
+      fail(ErrorCode::invalid_argument, concat(function, ": workspace must be 256-byte aligned"));
+    }
   }
-  if (reinterpret_cast<std::uintptr_t>(data) % 256 != 0) {
-    fail(ErrorCode::invalid_argument, concat(function, ": workspace must be 256-byte aligned"));
+  const std::size_t available = external != nullptr ? external->bytes : size_;
+  if ((external != nullptr || external_) && bytes > available) {
+    fail(ErrorCode::capacity_exceeded,
+         concat(function, ": the plan needs ", bytes, " bytes of workspace; the one provided with set_workspace holds ",
+                available, " (size it with workspace_bytes() for the same bounds)"));
+  }
+  if (external != nullptr) {
+    data_ = external->data;
+    size_ = external->bytes;
+    external_ = true;
+  } else if (!external_) {
+    data_ = owned_.ensure(bytes);
+    size_ = owned_.capacity();
   }
   if (device().is_cpu()) {
-    std::memset(data, 0, bytes);
+    std::memset(data_, 0, bytes);
   } else {
 #if CLSA_WITH_CUDA
-    cuda_check(cudaMemset(data, 0, bytes), "cudaMemset (workspace)");
+    if (on_stream) {
+      cuda_check(cudaMemsetAsync(data_, 0, bytes, stream.cuda()), "cudaMemsetAsync (workspace)");
+    } else {
+      // Set-up time (reserve, set_workspace): done before any stream of the caller uses it.
+      cuda_check(cudaMemsetAsync(data_, 0, bytes, nullptr), "cudaMemsetAsync (workspace)");
+      cuda_check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (workspace)");
+    }
 #endif
   }
-  data_ = data;
-  size_ = bytes;
-  external_ = true;
-  fresh_ = true;
+  (void)stream;
+  (void)on_stream;
+  return data_;
 }
 
-void* Workspace::get(const char* function, std::size_t bytes, bool* fresh) {
-  bool is_fresh = fresh_;
-  fresh_ = false;
-  if (external_) {
-    if (bytes > size_) {
-      fail(ErrorCode::capacity_exceeded, concat(function, ": this call needs ", bytes,
-                                                " bytes of workspace; the one "
-                                                "provided with set_workspace holds ",
-                                                size_, " (size it with workspace_bytes() for the largest batch)"));
-    }
-  } else {
-    bool grown = false;
-    data_ = owned_.ensure(bytes, &grown);
-    size_ = owned_.capacity();
-    is_fresh = is_fresh || grown;
+DeviceGuard::DeviceGuard(Device device) {
+#if CLSA_WITH_CUDA
+  if (!device.is_cuda()) return;
+  int current = 0;
+  cuda_check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device.index) {
+    cuda_check(cudaSetDevice(device.index), "cudaSetDevice");
+    previous_ = current;
   }
-  if (fresh != nullptr) *fresh = is_fresh;
-  return data_;
+#else
+  (void)device;
+#endif
+}
+
+DeviceGuard::~DeviceGuard() {
+#if CLSA_WITH_CUDA
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);
+#endif
 }
 
 }  // namespace detail

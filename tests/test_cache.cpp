@@ -14,28 +14,30 @@ using clsa::SequenceId;
 
 /// K, V and indexer keys of a sequence as they sit in the pool, read through layout() and pages().
 test::SequenceData read_back(const clsa::SharedKVCache& cache, SequenceId id) {
+  // Reads exactly the sequence's token rows (never the unwritten rest of a page: the pool is not
+  // zeroed, and compute-sanitizer initcheck would rightly flag reading it).
   const clsa::PagedCacheLayout layout = cache.layout();
   const CacheConfig& c = cache.config();
-  auto pool = [&](const void* data, std::int64_t row) {
-    clsa::TensorView view(const_cast<void*>(data), c.dtype, {layout.num_pages * c.page_size, row}, cache.device());
-    return test::read_values(view);
+  const std::size_t element = clsa::dtype_size(c.dtype);
+  const std::int64_t row = std::int64_t{c.num_kv_heads} * c.head_dim;
+  auto token_row = [&](const void* pool, std::int64_t page_stride, std::int64_t token_stride, std::int64_t page,
+                       std::int64_t offset, std::int64_t width) {
+    void* data = static_cast<char*>(const_cast<void*>(pool)) +
+                 static_cast<std::size_t>(page * page_stride + offset * token_stride) * element;
+    return test::read_values(clsa::TensorView(data, c.dtype, {width}, cache.device()));
   };
-  const std::vector<double> k = pool(layout.k, std::int64_t{c.num_kv_heads} * c.head_dim);
-  const std::vector<double> v = pool(layout.v, std::int64_t{c.num_kv_heads} * c.head_dim);
-  const std::vector<double> ik = pool(layout.index_keys, c.index_dim);
   const std::vector<std::int32_t> pages = cache.pages(id);
   test::SequenceData out;
   out.length = cache.length(id);
-  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads * c.head_dim);
   for (std::int64_t p = 0; p < out.length; ++p) {
-    const std::size_t slot = static_cast<std::size_t>(pages[static_cast<std::size_t>(p / c.page_size)]) * c.page_size +
-                             static_cast<std::size_t>(p % c.page_size);
-    out.k.insert(out.k.end(), k.begin() + static_cast<std::ptrdiff_t>(slot * row),
-                 k.begin() + static_cast<std::ptrdiff_t>((slot + 1) * row));
-    out.v.insert(out.v.end(), v.begin() + static_cast<std::ptrdiff_t>(slot * row),
-                 v.begin() + static_cast<std::ptrdiff_t>((slot + 1) * row));
-    out.index_keys.insert(out.index_keys.end(), ik.begin() + static_cast<std::ptrdiff_t>(slot * c.index_dim),
-                          ik.begin() + static_cast<std::ptrdiff_t>((slot + 1) * c.index_dim));
+    const std::int64_t page = pages[static_cast<std::size_t>(p / c.page_size)], offset = p % c.page_size;
+    const std::vector<double> k = token_row(layout.k, layout.k_page_stride, layout.k_token_stride, page, offset, row);
+    const std::vector<double> v = token_row(layout.v, layout.v_page_stride, layout.v_token_stride, page, offset, row);
+    const std::vector<double> ik =
+        token_row(layout.index_keys, layout.index_page_stride, layout.index_token_stride, page, offset, c.index_dim);
+    out.k.insert(out.k.end(), k.begin(), k.end());
+    out.v.insert(out.v.end(), v.begin(), v.end());
+    out.index_keys.insert(out.index_keys.end(), ik.begin(), ik.end());
   }
   return out;
 }

@@ -312,9 +312,9 @@ CLSA_BACKEND_TEST(caller_workspace, "components run on caller-provided workspace
       clsa::Tensor::empty({static_cast<std::int64_t>(sparse_bytes) + 1}, DType::i32, device);
   const clsa::Tensor dense_space =
       clsa::Tensor::empty({static_cast<std::int64_t>(dense_bytes) + 1}, DType::i32, device);
-  indexer.set_workspace(indexer_space.view().data(), indexer_bytes);
-  sparse.set_workspace(sparse_space.view().data(), sparse_bytes);
-  dense.set_workspace(dense_space.view().data(), dense_bytes);
+  indexer.set_workspace(indexer_space.view().data(), indexer_bytes, 2, 1, 200);
+  sparse.set_workspace(sparse_space.view().data(), sparse_bytes, 2, 1, 32);
+  dense.set_workspace(dense_space.view().data(), dense_bytes, 2, 1, 200);
 
   std::vector<double> values(2 * 2 * 64);
   for (double& x : values) x = rng.normal();
@@ -335,13 +335,17 @@ CLSA_BACKEND_TEST(caller_workspace, "components run on caller-provided workspace
   CHECK(test::read_values(out) == test::read_values(expected_out));
   dense.forward(batch, q, out);
 
-  // A batch larger than the workspace was sized for: a clear error, nothing allocated.
+  // A plan larger than the workspace: a clear error, nothing allocated; a call beyond the plan's
+  // bounds: a clear error too.
   clsa::IndexerConfig wide = ic;
   wide.top_k = 64;
   clsa::CrossLayerIndexer wide_indexer(wide, backend);
-  wide_indexer.set_workspace(indexer_space.view().data(), indexer_bytes);
-  CLSA_REQUIRE_ERROR(wide_indexer.select(batch, q_idx, w), clsa::ErrorCode::capacity_exceeded, "set_workspace");
-  CLSA_REQUIRE_ERROR(indexer.set_workspace(nullptr, 16), clsa::ErrorCode::invalid_argument, "workspace");
+  CLSA_REQUIRE_ERROR(wide_indexer.set_workspace(indexer_space.view().data(), indexer_bytes, 2, 1, 200),
+                     clsa::ErrorCode::capacity_exceeded, "set_workspace");
+  CLSA_REQUIRE_ERROR(indexer.set_workspace(nullptr, 16, 2, 1, 200), clsa::ErrorCode::invalid_argument, "workspace");
+  clsa::CrossLayerIndexer narrow_indexer(ic, backend);
+  narrow_indexer.set_workspace(indexer_space.view().data(), indexer_bytes, 1, 1, 200);
+  CLSA_REQUIRE_ERROR(narrow_indexer.select(batch, q_idx, w), clsa::ErrorCode::capacity_exceeded, "planned for");
 }
 
 #if CLSA_TEST_COUNTS_ALLOCATIONS

@@ -1,5 +1,6 @@
 // Bad input: every class raises clsa::Error with the right code and a message naming the argument,
 // and leaves outputs and the cache untouched.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -196,9 +197,12 @@ TEST_CASE("bad attention configurations and inputs are refused and write nothing
   CLSA_REQUIRE_ERROR(sparse.forward(batch, clsa::RoutingIndex{bad_positions, bad_counts, 8}, q, out),
                      ErrorCode::invalid_argument, "routing.positions[1,0,3] = 9");
   bad_positions.data_as<std::int32_t>()[8 + 3] = 3;
-  bad_counts.data_as<std::int32_t>()[1] = 0;
+  bad_counts.data_as<std::int32_t>()[1] = -1;
   CLSA_REQUIRE_ERROR(sparse.forward(batch, clsa::RoutingIndex{bad_positions, bad_counts, 8}, q, out),
-                     ErrorCode::invalid_argument, "routing.counts[1,0] = 0");
+                     ErrorCode::invalid_argument, "routing.counts[1,0] = -1");
+  bad_counts.data_as<std::int32_t>()[1] = 9;
+  CLSA_REQUIRE_ERROR(sparse.forward(batch, clsa::RoutingIndex{bad_positions, bad_counts, 8}, q, out),
+                     ErrorCode::invalid_argument, "routing.counts[1,0] = 9");
   // A cache of another head shape.
   clsa::AttentionConfig other = good;
   other.num_kv_heads = 3;

@@ -36,15 +36,20 @@ class SparseCrossAttention {
 
   /// Bytes of workspace forward() needs for batches up to these bounds (on device()).
   std::size_t workspace_bytes(int max_sequences, int max_tokens, int top_k) const;
-  /// Runs on caller-provided workspace from now on (`bytes` at `data` on device(), 256-byte
-  /// aligned, zeroed here, outliving its use): nothing is allocated afterwards; a call that needs
-  /// more raises Error(capacity_exceeded).
-  void set_workspace(void* data, std::size_t bytes);
-  /// Sizes the own workspace so that forward() allocates nothing for batches up to these bounds.
+  /// Plans for batches of up to `max_sequences` sequences, `max_tokens` query tokens each and
+  /// routing of up to `top_k` positions per token, on the object's own workspace (allocated and
+  /// zeroed here). The plan fixes the kernel variant, the split count of every batch size within
+  /// the bounds and the workspace layout: calls within the bounds allocate nothing, never
+  /// synchronise and give bitwise the same results as a fresh object planned with the same
+  /// bounds. A forward() outside the bounds raises Error(capacity_exceeded). Without reserve()
+  /// the object plans itself on its first forward() and grows as calls do.
   void reserve(int max_sequences, int max_tokens, int top_k);
-
+  /// Same plan, on caller-provided workspace (`bytes` >= workspace_bytes() of the bounds at
+  /// `data` on device(), 256-byte aligned, zeroed here, outliving its use).
+  void set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens, int top_k);
   /// q and out [B, T, num_q_heads, head_dim] of the cache's dtype; lse (optional) f32 [B, T,
-  /// num_q_heads]; routing from CrossLayerIndexer::select over the same batch.
+  /// num_q_heads]; routing from CrossLayerIndexer::select over the same batch. A query token
+  /// with no routed position (an empty batch slot) gets out = 0 and lse = -inf.
   void forward(const CacheBatch& batch, const RoutingIndex& routing, const TensorView& q, const TensorView& out,
                Stream stream = {}, const TensorView& lse = {});
 
@@ -67,8 +72,14 @@ class DenseCrossAttention {
   Device device() const;
 
   std::size_t workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const;
-  void set_workspace(void* data, std::size_t bytes);
+  /// As SparseCrossAttention::reserve, with `max_length` the longest sequence instead of top_k. In
+  /// a graph replay a sequence longer than max_length writes zeros for its rows and is reported
+  /// (check_status()); eagerly it raises Error(capacity_exceeded) before anything runs.
   void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
+  void set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens, std::int64_t max_length);
+  /// Throws Error(capacity_exceeded) if a kernel launched earlier met a sequence beyond the plan
+  /// (see CrossLayerIndexer::check_status), and clears that report; forward() runs it on entry.
+  void check_status();
 
   void forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream = {},
                const TensorView& lse = {});

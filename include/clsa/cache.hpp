@@ -24,6 +24,10 @@ struct CacheConfig {
 /// Handle of one sequence in a SharedKVCache. Ids are never reused by a cache.
 enum class SequenceId : std::int64_t {};
 
+/// No sequence: a batch slot left empty. It has length 0: its query rows route nothing, and
+/// attention writes zeros for them (lse -inf). Engines pad a batch bucket with it.
+inline constexpr SequenceId empty_slot = SequenceId{0};
+
 struct MemoryStats {
   std::int64_t pages_total = 0;
   std::int64_t pages_used = 0;
@@ -70,7 +74,8 @@ struct BatchStorage;
 
 /// Page tables that the host engine owns (the FlashInfer/vLLM paged layout): sequence b holds
 /// pages page_indices[page_indptr[b] .. page_indptr[b+1]), all full but the last, which holds
-/// last_page_lengths[b] tokens (1..page_size). The device pointers are read by the kernels as they
+/// last_page_lengths[b] tokens (1..page_size); a sequence with no pages and last page length 0
+/// is an empty slot (length 0). The device pointers are read by the kernels as they
 /// are (no copy); host copies of page_indptr and last_page_lengths give the lengths to the host
 /// (for checks and launch sizes). For a host (CPU) pool, pass the same pointers twice.
 struct PageTableView {
@@ -84,10 +89,17 @@ struct PageTableView {
 
 /// The sequences of one batch, as the kernels see them: per sequence its length and its pages
 /// (CSR: page_indptr[B+1] into page_indices). Tables live on the cache's device; lengths are
-/// also kept on the host. Cheap to copy (shares its storage).
+/// also kept on the host. Cheap to copy: copies share the tables, and a refill of one is seen by
+/// all (their num_sequences() and max_length() stay those of the refill they were copied after).
 class CacheBatch {
  public:
   CacheBatch() = default;
+
+  /// Room of the tables: sequences, and pages over all sequences. A batch from
+  /// SharedKVCache::reserve_batch has fixed capacity (its device tables never move); others grow.
+  int capacity() const;
+  std::int64_t page_capacity() const;
+  bool fixed_capacity() const;
 
   const PagedCacheLayout& layout() const { return layout_; }
   Device device() const { return layout_.device; }
@@ -114,6 +126,7 @@ class CacheBatch {
 
  private:
   friend class SharedKVCache;
+  void point_at_tables(const std::int32_t* tables);
   PagedCacheLayout layout_{};
   int num_sequences_ = 0;
   std::int64_t max_length_ = 0;
@@ -165,13 +178,24 @@ class SharedKVCache {
   void append(SequenceId sequence, const TensorView& k, const TensorView& v, const TensorView& index_keys,
               Stream stream = {});
 
-  /// The page tables of `sequences` (in that order) for the kernels. Allocates its tables.
+  /// The page tables of `sequences` (in that order; empty_slot entries are empty slots) for the
+  /// kernels. Allocates its tables.
   CacheBatch batch(Span<SequenceId> sequences, Stream stream = {}) const;
   CacheBatch batch(std::initializer_list<SequenceId> sequences, Stream stream = {}) const {
     return batch(Span<SequenceId>(sequences.begin(), sequences.size()), stream);
   }
-  /// Refills `reuse` for `sequences`, allocating only when its tables must grow: with a batch
-  /// sized once, a decoding loop allocates nothing here. On CUDA the tables are copied on `stream`.
+  /// An empty batch (no sequences yet) whose tables hold up to `max_sequences` sequences and
+  /// max_sequences * ceil(max_length / page_size) pages in all. Its device tables are allocated
+  /// here and never move: refills write them in place, so a CUDA graph captured over the batch
+  /// stays valid while the engine refills it step after step.
+  CacheBatch reserve_batch(int max_sequences, std::int64_t max_length) const;
+  /// Refills `reuse` for `sequences` (empty_slot entries are empty slots). Slots past
+  /// sequences.size(), up to the capacity, are emptied too: a graph captured over B slots may be
+  /// replayed after a refill with fewer sequences. A fixed-capacity batch (reserve_batch) that
+  /// cannot hold them raises Error(capacity_exceeded) and is left as it was; any other batch
+  /// grows (geometrically: a decoding loop soon allocates nothing). On CUDA the tables are copied
+  /// on `stream` from pinned staging; two staging buffers take turns, so a refill waits at most
+  /// for the copy two refills back.
   void batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const;
   void batch(std::initializer_list<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const {
     batch(Span<SequenceId>(sequences.begin(), sequences.size()), reuse, stream);

@@ -53,17 +53,28 @@ class CrossLayerIndexer {
   /// Bytes of workspace that select() needs for batches up to these bounds (on device(); it
   /// holds the RoutingIndex that select() returns and the backend's scratch).
   std::size_t workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const;
-  /// Runs on caller-provided workspace from now on: `bytes` at `data` on device(), 256-byte
-  /// aligned, zeroed here; it must outlive the indexer's use. Nothing is allocated afterwards: a
-  /// call that needs more than `bytes` raises Error(capacity_exceeded).
-  void set_workspace(void* data, std::size_t bytes);
-  /// Sizes the indexer's own workspace for batches up to these bounds, so that select()
-  /// allocates nothing (required before capturing select() in a CUDA graph).
+  /// Plans for batches of up to `max_sequences` sequences, `max_tokens` query tokens each and
+  /// sequences of up to `max_length` tokens, on the indexer's own workspace (allocated and zeroed
+  /// here). The plan fixes grids and the workspace layout: every later select() within the bounds
+  /// allocates nothing, never synchronises and launches the same grids, so a step captured in a
+  /// CUDA graph stays valid while contexts grow up to max_length. A select() outside the bounds
+  /// raises Error(capacity_exceeded); in a graph replay (no host checks) a sequence longer than
+  /// max_length routes nothing for its query rows and is reported (check_status()).
+  /// Without reserve() the indexer plans itself on its first select() and grows as calls do.
   void reserve(int max_sequences, int max_tokens, std::int64_t max_length);
+  /// Same plan, on caller-provided workspace: `bytes` (>= workspace_bytes() of the bounds) at
+  /// `data` on device(), 256-byte aligned, zeroed here, outliving the indexer's use.
+  void set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens, std::int64_t max_length);
+  /// Throws Error(capacity_exceeded) if a kernel launched earlier (a CUDA-graph replay, say) met a
+  /// sequence beyond the plan, and clears that report. Reliable once the stream work that may
+  /// have reported is done; select() runs it on entry. Nothing to report on the CPU backend,
+  /// whose calls check every length before they run.
+  void check_status();
 
   /// q_idx [B, T, num_heads, index_dim] of the cache's dtype; head_weights [B, T, num_heads] of
   /// any float dtype. The returned index lives in this indexer and stays valid until its next
-  /// select(); it is computed once per step and passed to every layer.
+  /// select(); it is computed once per step and passed to every layer. A sequence of length 0
+  /// (an empty batch slot) routes nothing: counts 0, positions -1.
   RoutingIndex select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
                       Stream stream = {});
   /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T]).

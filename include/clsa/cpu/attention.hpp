@@ -24,7 +24,8 @@ inline std::size_t attention_scratch(int dim, int group) {
 
 /// Softmax attention of `group` query heads (q: f32 [group, dim]) over `count` cache rows of kv
 /// head `kv_head`, row i at position position_of(i). Writes out f32 [group, dim] and, when lse is
-/// not null, lse[g] = log sum_i exp(scale * q_g . k_i). Online softmax over chunks of rows.
+/// not null, lse[g] = log sum_i exp(scale * q_g . k_i). Online softmax over chunks of rows. With
+/// count 0, out is 0 and lse -inf.
 template <class Elem, class PositionOf>
 void attend(const PagedSequence<Elem>& sequence, int kv_head, int dim, int count, PositionOf position_of,
             const float* q, int group, float scale, float* out, float* lse, float* scratch) {
@@ -67,7 +68,8 @@ void attend(const PagedSequence<Elem>& sequence, int kv_head, int dim, int count
     acc.noalias() += probabilities * value_rows;
   }
   for (int g = 0; g < group; ++g) {
-    const float inverse = 1.0f / running_sum[g];
+    // No rows (an empty batch slot): out = 0, lse = -inf.
+    const float inverse = running_sum[g] > 0.0f ? 1.0f / running_sum[g] : 0.0f;
     for (int d = 0; d < dim; ++d) out[g * dim + d] = acc(g, d) * inverse;
     if (lse != nullptr) lse[g] = running_max[g] + std::log(running_sum[g]);
   }
