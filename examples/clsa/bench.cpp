@@ -1,10 +1,13 @@
 // `clsa bench`: one decoding step of an L-layer cross-decoder, timed three ways over the SAME
 // SharedKVCache (dense, per-layer indexer, CLSA) and each component alone, against the fewest
-// bytes each must read and the copy bandwidth measured at start.
+// bytes each must read and the copy bandwidth measured at start. With --evict-l2-mb the step rows
+// are timed again with a stand-in for the decoder's feed-forward weights streamed through the L2
+// before every cross-attention layer (its own time measured alone and subtracted).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
@@ -156,14 +159,63 @@ class Timer {
 #endif
 };
 
+/// What a real decoder does between two cross-attention layers, as far as the L2 is concerned: the
+/// feed-forward block streams its weights (tens to hundreds of MB per layer) through the cache and
+/// leaves none of the previous layer's KV, page tables or routing in it. The stand-in streams a
+/// buffer of `bytes` instead, on the timed stream, so it captures into a CUDA graph with the step.
+///
+/// It is a device-to-device copy of the buffer's first half onto its second half
+/// (cudaMemcpyAsync), not a cudaMemsetAsync of the whole buffer: (1) half of its traffic is reads,
+/// as feed-forward weights are, whereas a memset leaves the whole L2 dirty and the next layer's
+/// misses would pay for writing those lines back to DRAM, a cost no real decoder puts there;
+/// (2) it is exactly what PyTorch's `copy_` issues, so scripts/bench_torch.py and
+/// scripts/bench_flashinfer.py run the identical stand-in. Both halves pass through the L2 (every
+/// DRAM access does), so the default 128 MiB touches more than twice the L2 of an H100 (50 MB) or
+/// an H200 (60 MB). On the CPU backend it is the same copy with std::memcpy over a host buffer
+/// (evicting the CPU's last-level cache instead).
+class FeedForwardStandIn {
+ public:
+  FeedForwardStandIn(clsa::Device device, std::size_t bytes, clsa::Stream stream)
+      : device_(device), half_(bytes / 8 * 4), stream_(stream) {
+    if (half_ == 0) return;
+    const std::int64_t words = static_cast<std::int64_t>(2 * half_ / 4);
+    buffer_ = clsa::Tensor::empty({words}, clsa::DType::i32, device_);
+    const std::vector<int> zeros(static_cast<std::size_t>(std::min<std::int64_t>(words, 1 << 20)), 0);
+    for (std::int64_t done = 0; done < words; done += static_cast<std::int64_t>(zeros.size())) {
+      const std::size_t count = static_cast<std::size_t>(std::min<std::int64_t>(words - done, zeros.size()));
+      clsa::copy_bytes(buffer_.data_as<int>() + done, device_, zeros.data(), clsa::Device::cpu(), count * 4);
+    }
+  }
+  bool enabled() const { return half_ > 0; }
+  std::size_t bytes() const { return 2 * half_; }
+  void operator()() const {
+    if (half_ == 0) return;
+    char* base = static_cast<char*>(buffer_.view().data());
+#if CLSA_PROGRAM_WITH_CUDA
+    if (device_.is_cuda()) {
+      cuda(cudaMemcpyAsync(base + half_, base, half_, cudaMemcpyDeviceToDevice, stream_.cuda()), "cudaMemcpyAsync");
+      return;
+    }
+#endif
+    std::memcpy(base + half_, base, half_);
+  }
+
+ private:
+  clsa::Device device_;
+  std::size_t half_;
+  clsa::Stream stream_;
+  clsa::Tensor buffer_;
+};
+
 struct Row {
   std::string method;  // what was timed
   std::int64_t context;
   int batch;
   double seconds;
-  double floor_bytes;  // the fewest bytes the method must read
-  double dense_ratio;  // dense step / this (step rows only)
-  double layer_ratio;  // per-layer-indexer step / this (CLSA rows only)
+  double floor_bytes;           // the fewest bytes the method must read
+  double dense_ratio;           // dense step / this (step rows only)
+  double layer_ratio;           // per-layer-indexer step / this (CLSA rows only)
+  double stand_in_seconds = 0;  // L2 stand-in time subtracted from `seconds` (evicted rows only)
 };
 
 /// Random cache content for a context: replicas x batch sequences of `context` tokens, appended
@@ -303,11 +355,23 @@ int run_bench(const BenchOptions& options) {
       "warm-up, inputs rotated past the L2\n",
       options.layers, options.q_heads, options.kv_heads, options.head_dim, options.index_heads, options.index_dim,
       options.top_k, iterations, warmup);
-  std::printf("measured copy bandwidth (read + write): %.0f GB/s\n\n", copy_bandwidth / 1e9);
+  std::printf("measured copy bandwidth (read + write): %.0f GB/s\n", copy_bandwidth / 1e9);
+  const std::size_t evict_bytes = static_cast<std::size_t>(options.evict_l2_mb) << 20;
+  const FeedForwardStandIn stand_in(device, evict_bytes, stream);
+  if (stand_in.enabled()) {
+    std::printf(
+        "L2 evicted rows: before each cross-attention layer a feed-forward stand-in copies %.0f MiB of a %.0f MiB "
+        "%s buffer onto its other half (its own time, measured alone the same way, subtracted)\n",
+        static_cast<double>(stand_in.bytes()) / 2 / (1 << 20), static_cast<double>(stand_in.bytes()) / (1 << 20),
+        on_gpu ? "device" : "host");
+  } else {
+    std::printf("L2 evicted rows: off (--evict-l2-mb 0)\n");
+  }
+  std::printf("x floor: time / (floor bytes / copy bandwidth)\n\n");
 
   std::vector<Row> rows;
-  std::printf("%-22s %8s %4s %12s %11s %9s %7s %9s %9s\n", "method", "context", "B", "time", "floor", "GB/s", "%copy",
-              "dense/x", "layer/x");
+  std::printf("%-30s %8s %4s %12s %11s %9s %7s %8s %9s %9s\n", "method", "context", "B", "time", "floor", "GB/s",
+              "%copy", "x floor", "dense/x", "layer/x");
   for (const std::int64_t context : contexts) {
     // Replicas so that the data of one timed step exceeds the L2 several times over.
     int most_sequences = 0;
@@ -375,49 +439,90 @@ int run_bench(const BenchOptions& options) {
       const double dense_bytes = batch * static_cast<double>(context) * bytes_per_token_kv;
       const int L = options.layers;
       auto view_of = [&](int i) -> const clsa::CacheBatch& { return views[static_cast<std::size_t>(i % replicas)]; };
-      auto clsa_step = [&](int i) {
+      // The steps, with (evict) or without the feed-forward stand-in before each cross-attention
+      // layer's work: before the select + first layer of the CLSA step, before each layer's select
+      // + forward of the per-layer step, before each dense layer. L stand-ins per step in each.
+      auto clsa_step_with = [&](int i, bool evict) {
+        if (evict) stand_in();
         const clsa::RoutingIndex routing = indexer.select(view_of(i), q_idx, weights, stream);
         for (int l = 0; l < L; ++l) {
+          if (evict && l > 0) stand_in();
           sparse.forward(view_of(i), routing, queries[static_cast<std::size_t>(l)],
                          outputs[static_cast<std::size_t>(l)], stream);
         }
       };
-      auto per_layer_step = [&](int i) {
+      auto per_layer_step_with = [&](int i, bool evict) {
         for (int l = 0; l < L; ++l) {
+          if (evict) stand_in();
           const clsa::RoutingIndex routing = indexer.select(view_of(i), q_idx, weights, stream);
           sparse.forward(view_of(i), routing, queries[static_cast<std::size_t>(l)],
                          outputs[static_cast<std::size_t>(l)], stream);
         }
       };
-      auto dense_step = [&](int i) {
+      auto dense_step_with = [&](int i, bool evict) {
         for (int l = 0; l < L; ++l) {
+          if (evict) stand_in();
           dense.forward(view_of(i), queries[static_cast<std::size_t>(l)], outputs[static_cast<std::size_t>(l)], stream);
         }
       };
-      const double t_indexer = timer.seconds([&](int i) { indexer.select(view_of(i), q_idx, weights, stream); });
-      const double t_sparse = timer.seconds([&](int i) {
+      auto sparse_layer_with = [&](int i, bool evict) {
+        if (evict) stand_in();
         sparse.forward(view_of(i), routings[static_cast<std::size_t>(i % replicas)], queries[0], outputs[0], stream);
-      });
+      };
+      auto clsa_step = [&](int i) { clsa_step_with(i, false); };
+      const double t_indexer = timer.seconds([&](int i) { indexer.select(view_of(i), q_idx, weights, stream); });
+      const double t_sparse = timer.seconds([&](int i) { sparse_layer_with(i, false); });
       const double t_dense_layer =
           timer.seconds([&](int i) { dense.forward(view_of(i), queries[0], outputs[0], stream); });
       const double t_clsa = timer.seconds(clsa_step);
       const double t_clsa_graph = timer.graph_seconds(replicas, clsa_step);
-      const double t_per_layer = timer.seconds(per_layer_step);
-      const double t_dense = timer.seconds(dense_step);
+      const double t_per_layer = timer.seconds([&](int i) { per_layer_step_with(i, false); });
+      const double t_dense = timer.seconds([&](int i) { dense_step_with(i, false); });
       const double clsa_best = t_clsa_graph > 0 ? std::min(t_clsa, t_clsa_graph) : t_clsa;
 
+      const double clsa_bytes = index_bytes + L * sparse_bytes;
+      const double per_layer_bytes = L * (index_bytes + sparse_bytes);
       const std::vector<Row> block = {
           {"indexer (select)", context, batch, t_indexer, index_bytes, 0, 0},
           {"sparse layer", context, batch, t_sparse, sparse_bytes, 0, 0},
           {"dense layer", context, batch, t_dense_layer, dense_bytes, 0, 0},
           {"dense step", context, batch, t_dense, L * dense_bytes, 1.0, 0},
-          {"per-layer step", context, batch, t_per_layer, L * (index_bytes + sparse_bytes), t_dense / t_per_layer, 0},
-          {"clsa step", context, batch, t_clsa, index_bytes + L * sparse_bytes, t_dense / t_clsa, t_per_layer / t_clsa},
+          {"per-layer step", context, batch, t_per_layer, per_layer_bytes, t_dense / t_per_layer, 0},
+          {"clsa step", context, batch, t_clsa, clsa_bytes, t_dense / t_clsa, t_per_layer / t_clsa},
       };
       std::vector<Row> all = block;
       if (t_clsa_graph > 0) {
-        all.push_back({"clsa step (graph)", context, batch, t_clsa_graph, index_bytes + L * sparse_bytes,
-                       t_dense / t_clsa_graph, t_per_layer / t_clsa_graph});
+        all.push_back({"clsa step (graph)", context, batch, t_clsa_graph, clsa_bytes, t_dense / t_clsa_graph,
+                       t_per_layer / t_clsa_graph});
+      }
+      if (stand_in.enabled()) {
+        // The same rows with the stand-in in the timed step; the stand-ins alone (same count per
+        // step, same eager or graph mode, same timer) are subtracted.
+        auto stand_ins = [&](int count) {
+          return [&, count](int) {
+            for (int c = 0; c < count; ++c) stand_in();
+          };
+        };
+        const double s_one = timer.seconds(stand_ins(1));
+        const double s_step = timer.seconds(stand_ins(L));
+        const double s_step_graph = timer.graph_seconds(replicas, stand_ins(L));
+        const double e_sparse = timer.seconds([&](int i) { sparse_layer_with(i, true); }) - s_one;
+        const double e_clsa = timer.seconds([&](int i) { clsa_step_with(i, true); }) - s_step;
+        const double e_clsa_graph =
+            t_clsa_graph > 0 ? timer.graph_seconds(replicas, [&](int i) { clsa_step_with(i, true); }) - s_step_graph
+                             : -1.0;
+        const double e_per_layer = timer.seconds([&](int i) { per_layer_step_with(i, true); }) - s_step;
+        const double e_dense = timer.seconds([&](int i) { dense_step_with(i, true); }) - s_step;
+        all.push_back({"sparse layer (cold L2)", context, batch, e_sparse, sparse_bytes, 0, 0, s_one});
+        all.push_back({"dense step (L2 evicted)", context, batch, e_dense, L * dense_bytes, 1.0, 0, s_step});
+        all.push_back({"per-layer step (L2 evicted)", context, batch, e_per_layer, per_layer_bytes,
+                       e_dense / e_per_layer, 0, s_step});
+        all.push_back({"clsa step (L2 evicted)", context, batch, e_clsa, clsa_bytes, e_dense / e_clsa,
+                       e_per_layer / e_clsa, s_step});
+        if (t_clsa_graph > 0) {
+          all.push_back({"clsa step (graph) (L2 evicted)", context, batch, e_clsa_graph, clsa_bytes,
+                         e_dense / e_clsa_graph, e_per_layer / e_clsa_graph, s_step_graph});
+        }
       }
       (void)clsa_best;
       for (const Row& row : all) {
@@ -425,10 +530,10 @@ int run_bench(const BenchOptions& options) {
         char dense_ratio[16] = "", layer_ratio[16] = "";
         if (row.dense_ratio > 0) std::snprintf(dense_ratio, sizeof dense_ratio, "%.1fx", row.dense_ratio);
         if (row.layer_ratio > 0) std::snprintf(layer_ratio, sizeof layer_ratio, "%.1fx", row.layer_ratio);
-        std::printf("%-22s %8lld %4d %12s %11s %9.0f %6.1f%% %9s %9s\n", row.method.c_str(),
+        std::printf("%-30s %8lld %4d %12s %11s %9.0f %6.1f%% %7.2fx %9s %9s\n", row.method.c_str(),
                     static_cast<long long>(row.context), row.batch, format_time(row.seconds).c_str(),
-                    format_bytes(row.floor_bytes).c_str(), rate / 1e9, 100.0 * rate / copy_bandwidth, dense_ratio,
-                    layer_ratio);
+                    format_bytes(row.floor_bytes).c_str(), rate / 1e9, 100.0 * rate / copy_bandwidth,
+                    copy_bandwidth / rate, dense_ratio, layer_ratio);
         rows.push_back(row);
       }
       std::printf("\n");
@@ -446,24 +551,27 @@ int run_bench(const BenchOptions& options) {
         << ",\n  \"shape\": {\"layers\": " << options.layers << ", \"q_heads\": " << options.q_heads
         << ", \"kv_heads\": " << options.kv_heads << ", \"head_dim\": " << options.head_dim
         << ", \"index_heads\": " << options.index_heads << ", \"index_dim\": " << options.index_dim
-        << ", \"top_k\": " << options.top_k << "},\n  \"rows\": [\n";
+        << ", \"top_k\": " << options.top_k << "},\n  \"evict_l2_bytes\": " << stand_in.bytes() << ",\n  \"rows\": [\n";
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& row = rows[i];
       out << "    {\"method\": \"" << row.method << "\", \"context\": " << row.context << ", \"batch\": " << row.batch
           << ", \"seconds\": " << row.seconds << ", \"floor_bytes\": " << row.floor_bytes
           << ", \"bytes_per_s\": " << rate(row) << ", \"copy_fraction\": " << rate(row) / copy_bandwidth
-          << ", \"dense_over_this\": " << row.dense_ratio << ", \"per_layer_over_this\": " << row.layer_ratio << "}"
-          << (i + 1 < rows.size() ? ",\n" : "\n");
+          << ", \"x_floor\": " << copy_bandwidth / rate(row) << ", \"dense_over_this\": " << row.dense_ratio
+          << ", \"per_layer_over_this\": " << row.layer_ratio << ", \"stand_in_seconds\": " << row.stand_in_seconds
+          << "}" << (i + 1 < rows.size() ? ",\n" : "\n");
     }
     out << "  ]\n}\n";
     if (!out) fail("could not write " + options.json);
   }
   if (!options.csv.empty()) {
     std::ofstream out(options.csv);
-    out << "method,context,batch,seconds,floor_bytes,bytes_per_s,copy_fraction,dense_over_this,per_layer_over_this\n";
+    out << "method,context,batch,seconds,floor_bytes,bytes_per_s,copy_fraction,dense_over_this,per_layer_over_this,"
+           "x_floor,stand_in_seconds\n";
     for (const Row& row : rows) {
       out << row.method << ',' << row.context << ',' << row.batch << ',' << row.seconds << ',' << row.floor_bytes << ','
-          << rate(row) << ',' << rate(row) / copy_bandwidth << ',' << row.dense_ratio << ',' << row.layer_ratio << '\n';
+          << rate(row) << ',' << rate(row) / copy_bandwidth << ',' << row.dense_ratio << ',' << row.layer_ratio << ','
+          << copy_bandwidth / rate(row) << ',' << row.stand_in_seconds << '\n';
     }
     if (!out) fail("could not write " + options.csv);
   }

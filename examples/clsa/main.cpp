@@ -51,13 +51,15 @@ int main(int argc, char** argv) {
   BenchOptions bench;
   std::string bench_backend = "automatic";
   std::string bench_dtype = "bf16";
-  CLI::App* bench_command =
-      app.add_subcommand("bench",
-                         "Time one decoding step of an L-layer cross-decoder three ways over the same SharedKVCache: "
-                         "dense (every layer full attention), per-layer indexer (every layer its own indexer + top-k, "
-                         "as DSA), and CLSA (one indexer, routing reused by every layer); also each component alone. "
-                         "Each row: median time, the fewest bytes the method must read, achieved GB/s, fraction of "
-                         "the copy bandwidth measured at start, and dense/x, per-layer/x ratios.");
+  CLI::App* bench_command = app.add_subcommand(
+      "bench",
+      "Time one decoding step of an L-layer cross-decoder three ways over the same SharedKVCache: "
+      "dense (every layer full attention), per-layer indexer (every layer its own indexer + top-k, "
+      "as DSA), and CLSA (one indexer, routing reused by every layer); also each component alone. "
+      "Each row: median time, the fewest bytes the method must read, achieved GB/s, fraction of "
+      "the copy bandwidth measured at start, how many times its byte floor at that bandwidth it takes "
+      "(x floor), and dense/x, per-layer/x ratios; the step rows again with the L2 evicted between "
+      "layers (--evict-l2-mb).");
   bench_command->add_option("--backend", bench_backend, "automatic, cpu or cuda")
       ->check(CLI::IsMember(backends))
       ->capture_default_str();
@@ -92,6 +94,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_command->add_option("--iterations", bench.iterations, "timed runs per row (median; default 30 GPU, 3 CPU)")
       ->check(CLI::NonNegativeNumber);
+  bench_command
+      ->add_option("--evict-l2-mb", bench.evict_l2_mb,
+                   "also time the step rows (and a 'sparse layer (cold L2)' row) with a stand-in for the decoder's "
+                   "feed-forward weights before every cross-attention layer: a copy of a buffer of this many MiB "
+                   "(half onto half) that evicts the L2; its own time, measured alone the same way, is subtracted. "
+                   "Rows named '(L2 evicted)'. 0: off")
+      ->check(CLI::Range(0, 1 << 16))
+      ->capture_default_str();
   bench_command->add_option("--json", bench.json, "also write the rows as JSON to this file");
   bench_command->add_option("--csv", bench.csv, "also write the rows as CSV to this file");
   bench_command->add_option("--seed", bench.seed, "random seed of the data")->capture_default_str();

@@ -32,7 +32,8 @@ struct BenchOptions {
   int index_dim = 128;
   int top_k = 2048;
   clsa::DType dtype = clsa::DType::bf16;
-  int iterations = 0;  // 0: 30 on a GPU, 3 on the CPU
+  int iterations = 0;     // 0: 30 on a GPU, 3 on the CPU
+  int evict_l2_mb = 128;  // L2 evicted rows: MiB streamed by the feed-forward stand-in per layer; 0: off
   std::string json, csv;
   std::uint64_t seed = 1;
 };
