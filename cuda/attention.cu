@@ -15,8 +15,8 @@
 #include <climits>
 #include <vector>
 
-#include "../cuda/kernels.hpp"
 #include "common.cuh"
+#include "kernels.hpp"
 
 namespace clsa {
 namespace cuda_kernels {
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   const int heads_here = min(GP, plan.group - head_chunk * GP);
   const int b = row / a.tokens;
   const int t = row % a.tokens;
-  int length = sequence_length(a.lengths, a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
+  int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
   if (length > p.max_length) {
     // Beyond the plan (dense: its splits do not cover it): reported, and the rows write zeros.
     if (threadIdx.x == 0 && t == 0 && blockIdx.y == 0 && split == 0) {
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   const int group_lane = group_index * S::kLanes;  // first lane of this lane group
 
   // Phase 0: positions -> (page, slot); positions a query cannot see are skipped (page -1).
-  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift, (1 << p.page_shift) - 1};
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
   for (int i = tid; i < n; i += kThreads) {
     const int position = routed != nullptr ? routed[begin + i] : begin + i;
     const bool valid = position >= 0 && position < visible;
@@ -510,6 +510,13 @@ SplitPlan split_plan(const AttentionPlan& plan, int slot, int rows) {
 
 }  // namespace
 
+bool attention_supports(int dim) {
+  for (const Variant& v : variants()) {
+    if (v.dim == dim) return true;
+  }
+  return false;
+}
+
 AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim) {
   const int group = q_heads / kv_heads;
   const int padded = next_power_of_two(std::min(group, kMaxGroup));
@@ -574,7 +581,7 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   params.plan = split_plan(plan, slot, rows);
   params.max_length =
       args.positions != nullptr ? INT_MAX : static_cast<int>(std::min<std::int64_t>(plan.span, INT_MAX));
-  params.page_shift = log2_exact(args.layout.page_size);
+  params.page_shift = page_shift_of(args.layout.page_size);
   auto* base = static_cast<unsigned char*>(workspace);
   params.tickets = reinterpret_cast<unsigned*>(base);
   params.partial_out = reinterpret_cast<float*>(base + plan.partial_out_offset);

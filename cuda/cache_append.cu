@@ -1,7 +1,7 @@
 // Copy of appended tokens into their pages: one block per token, K and V rows of every kv head
 // and the indexer key; 16-byte words when every row is 16-byte aligned, elements otherwise.
-#include "../cuda/kernels.hpp"
 #include "common.cuh"
+#include "kernels.hpp"
 
 namespace clsa {
 namespace cuda_kernels {
@@ -22,7 +22,7 @@ __global__ void append_tokens_kernel(WordArgs w) {
   const PagedCacheLayout& l = args.layout;
   const int token = blockIdx.x;
   const std::int64_t position = args.first_position + token;
-  const int shift = log2_exact(l.page_size);
+  const int shift = page_shift_of(l.page_size);
   const std::int64_t page = args.pages[(position >> shift) - args.first_page];
   const std::int64_t slot = position & (l.page_size - 1);
   auto* k_dst = static_cast<Word*>(const_cast<void*>(l.k)) + page * w.k_page + slot * w.k_token;

@@ -1,5 +1,5 @@
 // Device-side helpers shared by libclsa's kernels: element types, 16-byte vector loads with
-// widening, paged addressing, launch checks.
+// widening, launch checks (paged addressing: clsa/paged_view.hpp).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,9 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "check.hpp"
 #include "clsa/cache.hpp"
 #include "clsa/numeric.hpp"
+#include "clsa/paged_view.hpp"
+#include "common/check.hpp"
 #include "cuda_check.hpp"
 #include "kernels.hpp"
 
@@ -95,22 +96,6 @@ __device__ __forceinline__ uint4 load_vector(const void* address) {
   return __ldg(reinterpret_cast<const uint4*>(address));
 }
 
-/// Paged addressing of one sequence of a batch.
-struct PagedRows {
-  const std::int32_t* pages;  // the sequence's page indices
-  int page_shift;
-  int slot_mask;
-
-  __device__ __forceinline__ std::int64_t page(std::int64_t position) const { return pages[position >> page_shift]; }
-  __device__ __forceinline__ std::int64_t slot(std::int64_t position) const { return position & slot_mask; }
-};
-
-__host__ __device__ __forceinline__ int log2_exact(int power_of_two) {
-  int shift = 0;
-  while ((1 << shift) < power_of_two) ++shift;
-  return shift;
-}
-
 __host__ __device__ __forceinline__ std::int64_t ceil_div(std::int64_t a, std::int64_t b) {
   return (a + b - 1) / b;
 }
@@ -141,22 +126,6 @@ __device__ __forceinline__ void report(RunStatus* status, unsigned code, int seq
     status->limit = limit;
     __threadfence_system();
   }
-}
-
-/// Length of sequence b: from the lengths table, or (engine-owned FlashInfer-style tables) from its
-/// page count and last page's length.
-/// A sequence without pages (an empty batch slot) has length 0.
-__device__ __forceinline__ int sequence_length(const std::int32_t* lengths, const std::int32_t* page_indptr,
-                                               const std::int32_t* last_page_lengths, int page_size, int b) {
-  if (lengths != nullptr) return lengths[b];
-  const int pages = page_indptr[b + 1] - page_indptr[b];
-  return pages > 0 ? (pages - 1) * page_size + last_page_lengths[b] : 0;
-}
-
-/// Visible positions of query token t of T for a sequence of `length`: [0, length - T + t]; none
-/// (0) for an empty slot or a sequence shorter than T.
-__device__ __forceinline__ int visible_length(int length, int tokens, int t) {
-  return max(length - tokens + t + 1, 0);
 }
 
 }  // namespace cuda_kernels

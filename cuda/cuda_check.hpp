@@ -1,7 +1,6 @@
-// Error checking of CUDA runtime calls (only in builds with CUDA).
+// Error checking of CUDA runtime calls.
 #pragma once
 
-#if CLSA_WITH_CUDA
 #include <cuda_runtime_api.h>
 
 namespace clsa {
@@ -15,4 +14,3 @@ void cuda_check_launch(const char* kernel);
 
 }  // namespace detail
 }  // namespace clsa
-#endif

@@ -1,5 +1,5 @@
-// Host-side entry points of libclsa's CUDA kernels (defined in cuda/*.cu). Included by src/ only
-// in builds with CUDA; argument checking happens before these are called.
+// Host-side entry points of libclsa's CUDA kernels (defined in cuda/*.cu), called by the CUDA
+// backend (cuda/backend.cpp) after the components have checked every argument.
 //
 // Plans. A component makes a plan once from its bounds (max sequences, max query tokens, max
 // length or top_k): the plan fixes the kernel variant, the grids, the split counts for every
@@ -15,7 +15,6 @@
 // plan holds, so no call depends on what an earlier call of another batch size left behind.
 #pragma once
 
-#if CLSA_WITH_CUDA
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -71,8 +70,7 @@ bool indexer_supports(DType dtype, int dim);
 /// One select() of the indexer: scores, then top-k per query row.
 struct IndexerArgs {
   PagedCacheLayout layout;
-  const std::int32_t* lengths;            // [B], device; nullptr: from page_indptr and last_page_lengths
-  const std::int32_t* last_page_lengths;  // [B], device (engine-owned FlashInfer-style tables)
+  const std::int32_t* last_page_lengths;  // [B], device: lengths are paged_length() of the tables
   const std::int32_t* page_indptr;        // [B+1], device
   const std::int32_t* page_indices;       // device
   int num_sequences;                      // B
@@ -106,12 +104,13 @@ struct AttentionPlan {
 };
 /// Throws Error(unsupported) for a (head_dim, group) without kernels.
 AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim);
+/// Whether attention kernels exist for this head dimension (every float dtype has them).
+bool attention_supports(int dim);
 
 /// One forward() of sparse (positions != nullptr) or dense attention.
 struct AttentionArgs {
   PagedCacheLayout layout;
-  const std::int32_t* lengths;  // nullptr: from page_indptr and last_page_lengths
-  const std::int32_t* last_page_lengths;
+  const std::int32_t* last_page_lengths;  // lengths are paged_length() of the tables
   const std::int32_t* page_indptr;
   const std::int32_t* page_indices;
   int num_sequences;
@@ -135,4 +134,3 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
 
 }  // namespace cuda_kernels
 }  // namespace clsa
-#endif

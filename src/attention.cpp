@@ -1,49 +1,34 @@
-// SparseCrossAttention and DenseCrossAttention: checks, the threaded CPU path, CUDA dispatch.
-// Both run the same code: dense is attention over the contiguous range of visible positions.
+// SparseCrossAttention and DenseCrossAttention: checks and plans; the backend computes. Both run
+// the same code: dense is attention over the contiguous range of visible positions.
 #include "clsa/attention.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
-#include "check.hpp"
-#include "clsa/cpu/attention.hpp"
-#include "cpu_util.hpp"
-#include "cuda_check.hpp"
-#include "memory.hpp"
-#include "plan.hpp"
-#include "run_status.hpp"
-#include "thread_pool.hpp"
-
-#if CLSA_WITH_CUDA
-#include "../cuda/kernels.hpp"
-#endif
+#include "backend/backend.hpp"
+#include "backend/memory.hpp"
+#include "clsa/paged_view.hpp"
+#include "common/check.hpp"
+#include "common/plan.hpp"
 
 namespace clsa {
 
 namespace {
 
-/// What sparse and dense attention share: configuration, device, plan, workspace and both paths.
+/// What sparse and dense attention share: configuration, device, plan, workspace.
 struct AttentionCore {
   AttentionConfig config;
   Backend backend = Backend::cpu;
   Device device{};
+  const detail::ComputeBackend* ops = nullptr;
   float scale = 0.0f;
   const char* span_name;  // "top_k" (sparse) or "max_length" (dense): the plan's span
   detail::Workspace workspace;
   detail::PlanBook plan_book;
-  void* base = nullptr;  // the workspace the plan carved
-#if CLSA_WITH_CUDA
-  cuda_kernels::AttentionPlan cuda_plan;
-  detail::RunStatusReport status;  // dense: sequences beyond the plan
-#endif
-
-  /// A plan-less copy of the configuration (for sizing plans on the side).
-  AttentionCore(const AttentionCore& other, int /*probe*/)
-      : config(other.config),
-        backend(other.backend),
-        device(other.device),
-        scale(other.scale),
-        span_name(other.span_name) {}
+  std::unique_ptr<detail::Plan> plan;
+  void* base = nullptr;                          // the workspace the plan carved
+  std::unique_ptr<detail::StatusReport> status;  // dense: sequences beyond the plan (CUDA)
 
   AttentionCore(const char* fn, const AttentionConfig& c, Backend requested, const char* span)
       : config(c), span_name(span) {
@@ -62,60 +47,37 @@ struct AttentionCore {
     scale = c.softmax_scale > 0.0f ? c.softmax_scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
     backend = resolve_backend(requested);
     device = backend_device(backend);
-    if (backend == Backend::cuda && c.head_dim != 64 && c.head_dim != 128 && c.head_dim != 256) {
-      detail::fail(ErrorCode::unsupported,
-                   detail::concat(fn, ": config.head_dim = ", c.head_dim, "; the CUDA path supports 64, 128 and 256"));
-    }
+    ops = &detail::compute_backend(backend);
+    const std::string unsupported = ops->attention_unsupported(c);
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
     workspace.set_device(device);
-#if CLSA_WITH_CUDA
-    if (backend == Backend::cuda) status.allocate();
-#endif
+    const detail::DeviceGuard guard(device);
+    status = ops->make_status_report();
   }
 
-  /// Floats of one CPU worker's scratch, rounded up so that every worker's scratch is aligned
-  /// alike (Eigen's kernels, and so the rounding, may depend on alignment: results must not
-  /// depend on which worker ran an item).
-  std::size_t scratch_floats() const {
-    const int group = config.num_q_heads / config.num_kv_heads;
-    const std::size_t floats =
-        cpu::attention_scratch(config.head_dim, group) + static_cast<std::size_t>(2 * group * config.head_dim);
-    return (floats + 63) / 64 * 64;
-  }
-
-  /// Makes the backend's plan for `bounds` (no memory touched); returns the workspace bytes.
-  std::size_t make_plan(const detail::Bounds& bounds) {
-    if (backend == Backend::cpu) {
-      detail::Carver counter;
-      carve_cpu(counter, static_cast<std::size_t>(bounds.sequences) * static_cast<std::size_t>(bounds.tokens));
-      return counter.used();
-    }
-#if CLSA_WITH_CUDA
-    cuda_plan = cuda_kernels::plan_attention(bounds.sequences * bounds.tokens, bounds.span, config.num_q_heads,
-                                             config.num_kv_heads, config.head_dim);
-    return cuda_plan.bytes;
-#else
-    return 0;
-#endif
+  /// The backend's plan for `bounds` and the workspace bytes it needs (nothing adopted).
+  std::unique_ptr<detail::Plan> make_plan(const detail::Bounds& bounds, std::size_t* bytes) const {
+    std::unique_ptr<detail::Plan> next = ops->plan_attention(config, bounds);
+    *bytes = next->workspace_bytes;
+    return next;
   }
 
   /// Bytes a plan for these bounds needs, made on the side (this object's plan stays).
   std::size_t bytes(const char* fn, const detail::Bounds& bounds) const {
     detail::check_bounds(fn, bounds, span_name);
     const detail::DeviceGuard guard(device);
-    AttentionCore probe(*this, 0);
-    return probe.make_plan(bounds);
+    std::size_t needed = 0;
+    make_plan(bounds, &needed);
+    return needed;
   }
 
-  /// Adopts a plan for `bounds`: the workspace is sized and zeroed (on `stream` when on_stream).
   /// All or nothing: a refused plan (bounds, caller memory) leaves the current one in place.
   void adopt(const char* fn, const detail::Bounds& bounds, bool fixed, Stream stream, bool on_stream,
              const detail::Workspace::External* external = nullptr) {
-    AttentionCore next(*this, 0);  // the plan is made on the side, then taken over
-    const std::size_t needed = next.make_plan(bounds);
+    std::size_t needed = 0;
+    std::unique_ptr<detail::Plan> next = make_plan(bounds, &needed);
     base = workspace.adopt(fn, needed, stream, on_stream, external);
-#if CLSA_WITH_CUDA
-    cuda_plan = next.cuda_plan;
-#endif
+    plan = std::move(next);
     plan_book.set(bounds, fixed);
   }
 
@@ -138,20 +100,14 @@ struct AttentionCore {
     if (plan_book.needs_plan(fn, call, span_name)) adopt(fn, plan_book.grown(call, round_span), false, stream, true);
   }
 
-  /// CPU pieces: the queries widened to f32, then each worker's scratch.
-  std::pair<float*, float*> carve_cpu(detail::Carver& carver, std::size_t rows) const {
-    float* queries = carver.take<float>(rows * static_cast<std::size_t>(config.num_q_heads * config.head_dim));
-    float* scratch =
-        carver.take<float>(static_cast<std::size_t>(detail::ThreadPool::instance().size()) * scratch_floats());
-    return {queries, scratch};
+  void check_status(const char* fn) {
+    if (status) status->check(fn, "its rows were written as zeros");
   }
 
   /// Checks shared by both: batch, q, out, lse; returns T.
   int check(const char* fn, const CacheBatch& batch, const TensorView& q, const TensorView& out,
             const TensorView& lse) {
-#if CLSA_WITH_CUDA
-    status.check(fn, "its rows were written as zeros");
-#endif
+    check_status(fn);
     const AttentionConfig& c = config;
     if (batch.num_sequences() <= 0)
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
@@ -183,119 +139,18 @@ struct AttentionCore {
     return static_cast<int>(tokens);
   }
 
-  /// CPU path; routing == nullptr means dense.
-  void forward_cpu(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
-                   const TensorView& out, const TensorView& lse) {
-    const AttentionConfig& c = config;
-    const PagedCacheLayout& layout = batch.layout();
-    const int tokens = static_cast<int>(q.size(1));
-    const int group = c.num_q_heads / c.num_kv_heads;
-    const int dim = c.head_dim;
-    const std::size_t rows = static_cast<std::size_t>(batch.num_sequences()) * static_cast<std::size_t>(tokens);
-    (void)fn;
-    detail::Carver carver(base);
-    const std::pair<float*, float*> pieces = carve_cpu(carver, rows);
-    float* const queries = pieces.first;
-    float* const scratch = pieces.second;
-    const std::size_t scratch_size = scratch_floats();
-    detail::widen_to_f32(q, queries);
-    detail::ThreadPool& pool = detail::ThreadPool::instance();
-    const std::int32_t* indptr = batch.device_page_indptr();
-    const std::int32_t* indices = batch.device_page_indices();
-
-    detail::dispatch_float(layout.dtype, [&](auto tag) {
-      using Elem = typename decltype(tag)::type;
-      pool.parallel_for(static_cast<std::int64_t>(rows) * c.num_kv_heads, [&](std::int64_t item, int worker) {
-        const std::int64_t row = item / c.num_kv_heads;
-        const int kv_head = static_cast<int>(item % c.num_kv_heads);
-        const int b = static_cast<int>(row / tokens);
-        const int t = static_cast<int>(row % tokens);
-        float* result = scratch + static_cast<std::size_t>(worker) * scratch_size;
-        float* lse_values = result + group * dim;
-        float* attend_scratch = lse_values + group;
-        const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
-        const float* query =
-            queries + (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
-        if (routing != nullptr) {
-          const std::int32_t* routed = routing->positions.data_as<const std::int32_t>() +
-                                       b * routing->positions.stride(0) + t * routing->positions.stride(1);
-          const int count =
-              routing->counts
-                  .data_as<const std::int32_t>()[b * routing->counts.stride(0) + t * routing->counts.stride(1)];
-          cpu::attend(
-              paged, kv_head, dim, count, [routed](int i) { return routed[i]; }, query, group, scale, result,
-              lse_values, attend_scratch);
-        } else {
-          const int visible = static_cast<int>(std::max<std::int64_t>(batch.length(b) - tokens + t + 1, 0));
-          cpu::attend(
-              paged, kv_head, dim, visible, [](int i) { return i; }, query, group, scale, result, lse_values,
-              attend_scratch);
-        }
-        Elem* destination = out.data_as<Elem>() + b * out.stride(0) + t * out.stride(1);
-        for (int g = 0; g < group; ++g) {
-          const int head = kv_head * group + g;
-          Elem* head_out = destination + head * out.stride(2);
-          for (int d = 0; d < dim; ++d) head_out[d] = from_float<Elem>(result[g * dim + d]);
-          if (lse.defined())
-            lse.data_as<float>()[b * lse.stride(0) + t * lse.stride(1) + head * lse.stride(2)] = lse_values[g];
-        }
-      });
-    });
-  }
-
-#if CLSA_WITH_CUDA
-  void forward_cuda(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
-                    const TensorView& out, const TensorView& lse, cudaStream_t stream) {
-    cuda_kernels::AttentionArgs args{};
-    args.layout = batch.layout();
-    args.lengths = batch.device_lengths();
-    args.last_page_lengths = batch.device_last_page_lengths();
-    args.page_indptr = batch.device_page_indptr();
-    args.page_indices = batch.device_page_indices();
-    args.num_sequences = batch.num_sequences();
-    args.tokens = static_cast<int>(q.size(1));
-    args.q = q.data();
-    args.q_stride_b = q.stride(0);
-    args.q_stride_t = q.stride(1);
-    args.q_stride_h = q.stride(2);
-    args.out = out.data();
-    args.out_stride_b = out.stride(0);
-    args.out_stride_t = out.stride(1);
-    args.out_stride_h = out.stride(2);
-    if (lse.defined()) {
-      args.lse = lse.data_as<float>();
-      args.lse_stride_b = lse.stride(0);
-      args.lse_stride_t = lse.stride(1);
-    }
-    args.q_heads = config.num_q_heads;
-    args.kv_heads = config.num_kv_heads;
-    args.dim = config.head_dim;
-    args.scale = scale;
-    if (routing != nullptr) {
-      args.positions = routing->positions.data_as<const std::int32_t>();
-      args.positions_stride_b = routing->positions.stride(0);
-      args.positions_stride_t = routing->positions.stride(1);
-      args.counts = routing->counts.data_as<const std::int32_t>();
-      args.counts_stride_b = routing->counts.stride(0);
-      args.counts_stride_t = routing->counts.stride(1);
-      args.top_k = routing->top_k;
-    }
-    args.status = status.device_view();
-    (void)fn;
-    cuda_kernels::attention(args, cuda_plan, base, stream);
-  }
-#endif
-
-  void forward(const char* fn, const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q,
-               const TensorView& out, const TensorView& lse, Stream stream) {
-    if (backend == Backend::cpu) {
-      forward_cpu(fn, batch, routing, q, out, lse);
-      return;
-    }
-#if CLSA_WITH_CUDA
-    forward_cuda(fn, batch, routing, q, out, lse, stream.cuda());
-#endif
-    (void)stream;
+  /// routing == nullptr means dense.
+  void forward(const CacheBatch& batch, const RoutingIndex* routing, const TensorView& q, const TensorView& out,
+               const TensorView& lse, Stream stream) {
+    detail::AttendCall call;
+    call.batch = detail::batch_tables(batch);
+    call.routing = routing;
+    call.q = q;
+    call.out = out;
+    call.lse = lse;
+    call.scale = scale;
+    call.tokens = static_cast<int>(q.size(1));
+    ops->attend(config, call, *plan, base, status.get(), stream);
   }
 };
 
@@ -304,7 +159,7 @@ struct AttentionCore {
 void check_routing_values(const char* fn, const CacheBatch& batch, const RoutingIndex& routing, int tokens) {
   for (int b = 0; b < batch.num_sequences(); ++b) {
     for (int t = 0; t < tokens; ++t) {
-      const std::int64_t visible = batch.length(b) - tokens + t + 1;
+      const int visible = visible_length(batch.length(b), tokens, t);
       const std::int32_t count =
           routing.counts.data_as<const std::int32_t>()[b * routing.counts.stride(0) + t * routing.counts.stride(1)];
       if (count < 0 || count > routing.top_k) {
@@ -336,6 +191,17 @@ struct DenseCrossAttention::State : AttentionCore {
 
 SparseCrossAttention::SparseCrossAttention(const AttentionConfig& config, Backend backend)
     : state_(std::make_unique<State>("SparseCrossAttention", config, backend, "top_k")) {}
+bool SparseCrossAttention::supports(const AttentionConfig& config, Backend backend, std::string* why) {
+  std::string reason;
+  if (backend == Backend::cuda && cuda_device_count() == 0) {
+    reason = built_with_cuda() ? "no CUDA device is present" : "this build has no CUDA support";
+  } else {
+    reason = detail::compute_backend(resolve_backend(backend)).attention_unsupported(config);
+  }
+  if (why != nullptr) *why = reason;
+  return reason.empty();
+}
+
 SparseCrossAttention::~SparseCrossAttention() = default;
 SparseCrossAttention::SparseCrossAttention(SparseCrossAttention&&) noexcept = default;
 SparseCrossAttention& SparseCrossAttention::operator=(SparseCrossAttention&&) noexcept = default;
@@ -375,7 +241,7 @@ void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& 
   detail::check_tensor(fn, "routing.counts", routing.counts, DType::i32, s.device, {sequences, tokens});
   if (s.backend == Backend::cpu) check_routing_values(fn, batch, routing, tokens);
   s.prepare(fn, static_cast<int>(sequences), tokens, routing.top_k, false, stream);
-  s.forward(fn, batch, &routing, q, out, lse, stream);
+  s.forward(batch, &routing, q, out, lse, stream);
 }
 
 DenseCrossAttention::DenseCrossAttention(const AttentionConfig& config, Backend backend)
@@ -407,9 +273,7 @@ void DenseCrossAttention::reserve(int max_sequences, int max_tokens, std::int64_
 }
 
 void DenseCrossAttention::check_status() {
-#if CLSA_WITH_CUDA
-  state_->status.check("DenseCrossAttention::check_status", "its rows were written as zeros");
-#endif
+  state_->check_status("DenseCrossAttention::check_status");
 }
 
 void DenseCrossAttention::forward(const CacheBatch& batch, const TensorView& q, const TensorView& out, Stream stream,
@@ -419,7 +283,7 @@ void DenseCrossAttention::forward(const CacheBatch& batch, const TensorView& q, 
   const detail::DeviceGuard guard(s.device);
   const int tokens = s.check(fn, batch, q, out, lse);
   s.prepare(fn, batch.num_sequences(), tokens, batch.max_length(), true, stream);
-  s.forward(fn, batch, nullptr, q, out, lse, stream);
+  s.forward(batch, nullptr, q, out, lse, stream);
 }
 
 }  // namespace clsa

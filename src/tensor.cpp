@@ -1,10 +1,11 @@
 #include "clsa/tensor.hpp"
 
+#include <algorithm>
 #include <cstring>
 
-#include "check.hpp"
-#include "cuda_check.hpp"
-#include "memory.hpp"
+#include "backend/backend.hpp"
+#include "backend/memory.hpp"
+#include "common/check.hpp"
 
 namespace clsa {
 
@@ -128,11 +129,7 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
     std::memcpy(dst, src, bytes);
     return;
   }
-#if CLSA_WITH_CUDA
-  detail::cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
-#else
-  detail::fail(ErrorCode::unsupported, "copy_bytes: a CUDA device in a build without CUDA");
-#endif
+  detail::backend_of(dst_device.is_cuda() ? dst_device : src_device).copy(dst, src, bytes);
 }
 
 }  // namespace clsa

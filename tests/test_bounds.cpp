@@ -423,8 +423,8 @@ struct BatchState {
   int sequences = 0;
   std::int64_t max_length = 0;
   std::vector<std::int32_t> host_lengths;
-  const std::int32_t *lengths_address = nullptr, *indptr_address = nullptr, *indices_address = nullptr;
-  std::vector<std::int32_t> lengths, indptr, indices;  // device tables, whole capacity
+  const std::int32_t *tables_address = nullptr, *indptr_address = nullptr, *indices_address = nullptr;
+  std::vector<std::int32_t> last_page_lengths, indptr, indices;  // device tables, whole capacity
 };
 
 std::vector<std::int32_t> read_table(const std::int32_t* table, std::int64_t count, clsa::Device device) {
@@ -438,10 +438,10 @@ BatchState state_of(const clsa::CacheBatch& batch) {
   state.sequences = batch.num_sequences();
   state.max_length = batch.max_length();
   state.host_lengths.assign(batch.lengths(), batch.lengths() + batch.num_sequences());
-  state.lengths_address = batch.device_lengths();
+  state.tables_address = batch.device_page_indptr();
   state.indptr_address = batch.device_page_indptr();
   state.indices_address = batch.device_page_indices();
-  state.lengths = read_table(batch.device_lengths(), batch.capacity(), batch.device());
+  state.last_page_lengths = read_table(batch.device_last_page_lengths(), batch.capacity(), batch.device());
   state.indptr = read_table(batch.device_page_indptr(), batch.capacity() + 1, batch.device());
   state.indices = read_table(batch.device_page_indices(), batch.page_capacity(), batch.device());
   return state;
@@ -451,10 +451,10 @@ void require_unchanged(const BatchState& now, const BatchState& before) {
   CHECK(now.sequences == before.sequences);
   CHECK(now.max_length == before.max_length);
   CHECK(now.host_lengths == before.host_lengths);
-  CHECK(now.lengths_address == before.lengths_address);
+  CHECK(now.tables_address == before.tables_address);
   CHECK(now.indptr_address == before.indptr_address);
   CHECK(now.indices_address == before.indices_address);
-  CHECK(now.lengths == before.lengths);
+  CHECK(now.last_page_lengths == before.last_page_lengths);
   CHECK(now.indptr == before.indptr);
   CHECK(now.indices == before.indices);
 }
@@ -475,7 +475,7 @@ CLSA_BACKEND_TEST(batch_beyond_capacity,
   REQUIRE(batch.capacity() == 2);
   REQUIRE(batch.page_capacity() == 8);
   REQUIRE(batch.num_sequences() == 0);
-  const std::int32_t* tables = batch.device_lengths();
+  const std::int32_t* tables = batch.device_page_indptr();
 
   fixture.cache.batch({ids[0], ids[1]}, batch);  // 7 pages
   const clsa::CacheBatch copy = batch;           // copies share the tables
@@ -495,12 +495,12 @@ CLSA_BACKEND_TEST(batch_beyond_capacity,
   // ones) writes the same tables in place; the batch is then read as it says.
   fixture.cache.batch({clsa::empty_slot, ids[2]}, batch);
   const BatchState after = state_of(batch);
-  CHECK(batch.device_lengths() == tables);
-  CHECK(after.lengths_address == before.lengths_address);
+  CHECK(batch.device_page_indptr() == tables);
+  CHECK(after.tables_address == before.tables_address);
   CHECK(after.indices_address == before.indices_address);
   CHECK(after.host_lengths == std::vector<std::int32_t>{0, 90});
   CHECK(after.max_length == 90);
-  CHECK(after.lengths == std::vector<std::int32_t>{0, 90});
+  CHECK(after.last_page_lengths == std::vector<std::int32_t>{0, 90 - 5 * kPageSize});  // 6 pages
   CHECK(after.indptr == std::vector<std::int32_t>{0, 0, 6});
   const std::vector<std::int32_t> pages = fixture.cache.pages(ids[2]);
   CHECK(std::vector<std::int32_t>(after.indices.begin(), after.indices.begin() + 6) == pages);
@@ -659,7 +659,7 @@ void run_replay_past_plan() {
   const cudaStream_t stream = owned_stream.stream;
   // The batch has room for twice the planned context: only the components' plan is exceeded.
   clsa::CacheBatch batch = fixture.cache.reserve_batch(kSlots, 2 * kPlanned);
-  const std::int32_t* const tables = batch.device_lengths();
+  const std::int32_t* const tables = batch.device_page_indptr();
   fixture.cache.batch(ids, batch, stream);
   const StepInputs in = make_inputs(kSlots, kTokens, rng, device);
   const StepOutputs out(kSlots, kTokens, kTopK, device);
@@ -713,7 +713,7 @@ void run_replay_past_plan() {
   fixture.append_random(2, kTokens, rng, test::Values::small_integers);
   synchronize_devices();  // the fixture appends on the legacy default stream
   fixture.cache.batch(ids, batch, stream);
-  REQUIRE(batch.device_lengths() == tables);
+  REQUIRE(batch.device_page_indptr() == tables);
   REQUIRE(batch.length(1) == 240 + kGrowth);
   const StepValues second = replay();
   CLSA_REQUIRE_ERROR(engine.indexer.check_status(), ErrorCode::capacity_exceeded,
@@ -741,7 +741,7 @@ void run_replay_past_plan() {
 
   // 4. Back within the plan (slot 1 emptied): the same graph replays cleanly.
   fixture.cache.batch({ids[0], clsa::empty_slot, ids[2]}, batch, stream);
-  REQUIRE(batch.device_lengths() == tables);
+  REQUIRE(batch.device_page_indptr() == tables);
   const StepValues third = replay();
   engine.indexer.check_status();
   engine.dense.check_status();

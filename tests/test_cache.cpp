@@ -2,8 +2,10 @@
 #include <algorithm>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "catch.hpp"
+#include "clsa/paged_view.hpp"
 #include "support.hpp"
 
 namespace {
@@ -105,23 +107,26 @@ CLSA_BACKEND_TEST(cache_batch_tables, "batch() builds the page tables of the seq
   clsa::CacheBatch batch = fixture.cache.batch(order);
   REQUIRE(batch.num_sequences() == 4);
   CHECK(batch.max_length() == 33);
-  const std::int64_t entries = 4 + 5;
-  const std::vector<std::int32_t> head = test::read_ints(
-      clsa::TensorView(const_cast<std::int32_t*>(batch.device_lengths()), DType::i32, {entries}, batch.device()));
-  std::vector<std::int32_t> indptr(head.begin() + 4, head.end());
+  // The tables the kernels read: page_indptr [B+1], page_indices, last_page_lengths [B] (FlashInfer's
+  // paged_kv_t): every length must come back from them through clsa::paged_length.
+  auto read_table = [&](const std::int32_t* table, std::int64_t count) {
+    return test::read_ints(clsa::TensorView(const_cast<std::int32_t*>(table), DType::i32, {count}, batch.device()));
+  };
+  const std::vector<std::int32_t> indptr = read_table(batch.device_page_indptr(), 5);
+  const std::vector<std::int32_t> last = read_table(batch.device_last_page_lengths(), 4);
   CHECK(indptr.front() == 0);
-  const std::vector<std::int32_t> indices = test::read_ints(clsa::TensorView(
-      const_cast<std::int32_t*>(batch.device_page_indices()), DType::i32, {indptr.back()}, batch.device()));
+  const std::vector<std::int32_t> indices = read_table(batch.device_page_indices(), indptr.back());
   for (std::size_t i = 0; i < order.size(); ++i) {
     CHECK(batch.length(static_cast<int>(i)) == fixture.cache.length(order[i]));
-    CHECK(head[i] == fixture.cache.length(order[i]));
+    CHECK(clsa::paged_length(indptr.data(), last.data(), config.page_size, static_cast<int>(i)) ==
+          fixture.cache.length(order[i]));
     const std::vector<std::int32_t> pages = fixture.cache.pages(order[i]);
     CHECK(std::vector<std::int32_t>(indices.begin() + indptr[i], indices.begin() + indptr[i + 1]) == pages);
   }
   // Refilling a batch in place keeps its tables where they were when they fit.
-  const std::int32_t* tables = batch.device_lengths();
+  const std::int32_t* tables = batch.device_page_indptr();
   fixture.cache.batch(std::vector<SequenceId>{fixture.ids[1], fixture.ids[2]}, batch);
-  CHECK(batch.device_lengths() == tables);
+  CHECK(batch.device_page_indptr() == tables);
   CHECK(batch.num_sequences() == 2);
   CHECK(batch.max_length() == 40);
 }

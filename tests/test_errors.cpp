@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "catch.hpp"
 #include "support.hpp"
@@ -274,4 +275,37 @@ TEST_CASE("CUDA-only limits are clear errors", "[errors][cuda]") {
   const clsa::Tensor w = clsa::Tensor::empty({1, 1, 2}, DType::f32, device);
   clsa::CrossLayerIndexer indexer(wide, Backend::cuda);
   CLSA_REQUIRE_ERROR(indexer.select(wide_fixture.batch(), q_idx, w), ErrorCode::unsupported, "index_dim 96");
+
+  // supports() answers the same question before anything is built, with the same reason.
+  std::string why;
+  CHECK_FALSE(clsa::SparseCrossAttention::supports(odd, Backend::cuda, &why));
+  CHECK(why.find("head_dim = 96") != std::string::npos);
+  CHECK(clsa::SparseCrossAttention::supports(good, Backend::cuda, &why));
+  CHECK(why.empty());
+  CHECK_FALSE(clsa::CrossLayerIndexer::supports(wide, DType::bf16, Backend::cuda, &why));
+  CHECK(why.find("index_dim 96") != std::string::npos);
+  CHECK(clsa::CrossLayerIndexer::supports(wide, DType::f32, Backend::cuda));  // f32 keys: any multiple of 4
+  wide.index_dim = 128;
+  CHECK(clsa::CrossLayerIndexer::supports(wide, DType::bf16, Backend::cuda));
+}
+
+TEST_CASE("supports(): the CPU backend runs every configuration; CUDA without a device does not", "[errors]") {
+  clsa::AttentionConfig odd;
+  odd.num_q_heads = 2;
+  odd.num_kv_heads = 2;
+  odd.head_dim = 96;
+  clsa::IndexerConfig wide;
+  wide.num_heads = 2;
+  wide.index_dim = 96;
+  wide.top_k = 8;
+  std::string why = "unchanged";
+  CHECK(clsa::SparseCrossAttention::supports(odd, Backend::cpu, &why));
+  CHECK(why.empty());
+  CHECK(clsa::CrossLayerIndexer::supports(wide, DType::bf16, Backend::cpu));
+  CHECK_FALSE(clsa::CrossLayerIndexer::supports(wide, DType::i32, Backend::cpu, &why));
+  CHECK(why.find("dtype") != std::string::npos);
+  if (clsa::cuda_device_count() == 0) {
+    CHECK_FALSE(clsa::SparseCrossAttention::supports(odd, Backend::cuda, &why));
+    CHECK_FALSE(why.empty());
+  }
 }

@@ -2,8 +2,11 @@
 // ties, NaN, the needle, and CPU/CUDA agreement.
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <iterator>
 #include <limits>
 #include <set>
+#include <utility>
 
 #include "catch.hpp"
 #include "support.hpp"

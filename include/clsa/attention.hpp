@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "clsa/cache.hpp"
 #include "clsa/indexer.hpp"
@@ -26,6 +27,10 @@ struct AttentionConfig {
 class SparseCrossAttention {
  public:
   explicit SparseCrossAttention(const AttentionConfig& config, Backend backend = Backend::automatic);
+  /// Whether `backend` has kernels for this configuration (every float cache dtype): when not,
+  /// `why` (if given) receives the reason the constructor would raise as Error(unsupported).
+  /// DenseCrossAttention runs on the same kernels and gives the same answer.
+  static bool supports(const AttentionConfig& config, Backend backend = Backend::automatic, std::string* why = nullptr);
   ~SparseCrossAttention();
   SparseCrossAttention(SparseCrossAttention&&) noexcept;
   SparseCrossAttention& operator=(SparseCrossAttention&&) noexcept;

@@ -87,8 +87,8 @@ struct PageTableView {
   const std::int32_t* host_last_page_lengths = nullptr;  // [B], host
 };
 
-/// The sequences of one batch, as the kernels see them: per sequence its length and its pages
-/// (CSR: page_indptr[B+1] into page_indices). Tables live on the cache's device; lengths are
+/// The sequences of one batch, as the kernels see them: per sequence its pages (CSR:
+/// page_indptr[B+1] into page_indices) and the length of its last page. Tables live on the cache's device; lengths are
 /// also kept on the host. Cheap to copy: copies share the tables, and a refill of one is seen by
 /// all (their num_sequences() and max_length() stay those of the refill they were copied after).
 class CacheBatch {
@@ -109,9 +109,9 @@ class CacheBatch {
   std::int64_t length(int sequence) const { return host_lengths_[sequence]; }
   /// Largest length in the batch (kernels size their grids and workspaces by it).
   std::int64_t max_length() const { return max_length_; }
-  /// Tables on device(): lengths [B] (or, for wrapped engine tables, last_page_lengths [B]
-  /// instead), page_indptr [B+1], page_indices [page_indptr[B]].
-  const std::int32_t* device_lengths() const { return device_lengths_; }
+  /// Tables on device() (FlashInfer's paged_kv_t layout, whoever filled them): page_indptr [B+1],
+  /// page_indices [page_indptr[B]] and last_page_lengths [B]; sequence b's length is
+  /// clsa::paged_length() of them (clsa/paged_view.hpp), 0 for an empty slot.
   const std::int32_t* device_last_page_lengths() const { return device_last_page_lengths_; }
   const std::int32_t* device_page_indptr() const { return device_page_indptr_; }
   const std::int32_t* device_page_indices() const { return device_page_indices_; }
@@ -131,7 +131,6 @@ class CacheBatch {
   int num_sequences_ = 0;
   std::int64_t max_length_ = 0;
   const std::int32_t* host_lengths_ = nullptr;
-  const std::int32_t* device_lengths_ = nullptr;
   const std::int32_t* device_last_page_lengths_ = nullptr;
   const std::int32_t* device_page_indptr_ = nullptr;
   const std::int32_t* device_page_indices_ = nullptr;

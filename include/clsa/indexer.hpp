@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "clsa/cache.hpp"
 #include "clsa/tensor.hpp"
@@ -42,6 +43,12 @@ struct RoutingIndex {
 class CrossLayerIndexer {
  public:
   explicit CrossLayerIndexer(const IndexerConfig& config, Backend backend = Backend::automatic);
+  /// Whether `backend` (resolved as the constructor would) has kernels for this configuration
+  /// over a cache of `cache_dtype` (what CUTLASS calls can_implement): when not, `why` (if given)
+  /// receives the reason that select() would raise as Error(unsupported). Invalid configurations
+  /// (the constructor's invalid_argument) are a separate question.
+  static bool supports(const IndexerConfig& config, DType cache_dtype, Backend backend = Backend::automatic,
+                       std::string* why = nullptr);
   ~CrossLayerIndexer();
   CrossLayerIndexer(CrossLayerIndexer&&) noexcept;
   CrossLayerIndexer& operator=(CrossLayerIndexer&&) noexcept;

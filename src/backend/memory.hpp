@@ -79,7 +79,8 @@ class DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  [[maybe_unused]] int previous_ = -1;  // CPU-only builds never set it
+  Device device_;
+  int previous_ = -1;  // the caller's device, when it had to be switched
 };
 
 /// Hands out 256-byte aligned pieces of one block in order; with a null base it only counts, so

@@ -1,4 +1,4 @@
-#include "check.hpp"
+#include "common/check.hpp"
 
 #include <cstdint>
 

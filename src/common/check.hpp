@@ -26,6 +26,10 @@ std::string concat(const Parts&... parts) {
   return stream.str();
 }
 
+inline bool is_power_of_two(std::int64_t x) {
+  return x > 0 && (x & (x - 1)) == 0;
+}
+
 /// Requires `value` (named `name`) to be positive.
 void check_positive(const char* function, const char* name, std::int64_t value);
 

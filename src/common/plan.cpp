@@ -1,8 +1,8 @@
-#include "plan.hpp"
+#include "common/plan.hpp"
 
 #include <algorithm>
 
-#include "check.hpp"
+#include "common/check.hpp"
 
 namespace clsa {
 namespace detail {

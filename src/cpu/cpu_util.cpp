@@ -1,4 +1,4 @@
-#include "cpu_util.hpp"
+#include "cpu/cpu_util.hpp"
 
 #include "clsa/cpu/paged.hpp"
 

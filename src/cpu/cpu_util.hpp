@@ -3,9 +3,9 @@
 
 #include <cstdint>
 
-#include "check.hpp"
 #include "clsa/numeric.hpp"
 #include "clsa/tensor.hpp"
+#include "common/check.hpp"
 
 namespace clsa {
 namespace detail {

@@ -1,8 +1,10 @@
 // Composes the three components through the installed headers and library; exits non-zero when
-// the sparse result with top_k >= length differs from dense.
+// the sparse result with top_k >= length differs from dense, or when the library, header and
+// package versions differ. Needs clsa::clsa only (no Eigen).
 #include <clsa/clsa.hpp>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 int main() {
@@ -51,5 +53,11 @@ int main() {
   float worst = 0.0f;
   for (std::size_t i = 0; i < q.size(); ++i) worst = std::fmax(worst, std::fabs(sparse_out[i] - dense_out[i]));
   std::printf("libclsa %s: sparse vs dense max difference %g\n", clsa::version(), static_cast<double>(worst));
-  return worst < 1e-5f ? 0 : 1;
+  // One version everywhere: the library, its header and its CMake package.
+  const bool same_version = std::strcmp(clsa::version(), CLSA_VERSION_STRING) == 0 &&
+                            std::strcmp(CLSA_VERSION_STRING, CLSA_PACKAGE_VERSION) == 0;
+  if (!same_version)
+    std::printf("version mismatch: library %s, header %s, package %s\n", clsa::version(), CLSA_VERSION_STRING,
+                CLSA_PACKAGE_VERSION);
+  return worst < 1e-5f && same_version ? 0 : 1;
 }

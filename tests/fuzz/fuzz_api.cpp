@@ -295,7 +295,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         std::int64_t{max_sequences} * ((max_length + config.page_size - 1) / config.page_size);
     FUZZ_REQUIRE(batch.fixed_capacity() && batch.capacity() == max_sequences && batch.num_sequences() == 0);
     FUZZ_REQUIRE(batch.page_capacity() == page_capacity);
-    const std::int32_t* tables = batch.device_lengths();
+    const std::int32_t* tables = batch.device_page_indptr();
     const bool fits = static_cast<std::int64_t>(chosen.size()) <= max_sequences && chosen_pages <= page_capacity;
     try {
       cache->batch(chosen, batch);
@@ -304,10 +304,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       FUZZ_REQUIRE(chosen.empty() || unknown || !fits);
       FUZZ_REQUIRE(error.code() == refusal);
       // Left as it was.
-      FUZZ_REQUIRE(batch.num_sequences() == 0 && batch.max_length() == 0 && batch.device_lengths() == tables);
+      FUZZ_REQUIRE(batch.num_sequences() == 0 && batch.max_length() == 0 && batch.device_page_indptr() == tables);
       return 0;
     }
-    FUZZ_REQUIRE(batch.device_lengths() == tables);  // refilled in place
+    FUZZ_REQUIRE(batch.device_page_indptr() == tables);  // refilled in place
   } else {
     try {
       batch = cache->batch(chosen);

@@ -6,6 +6,7 @@
 
 #include "clsa/cache.hpp"
 #include "clsa/numeric.hpp"
+#include "clsa/paged_view.hpp"
 
 namespace clsa {
 namespace cpu {
@@ -27,31 +28,23 @@ inline void widen<bfloat16>(const bfloat16* src, int count, float* dst) {
   for (int i = 0; i < count; ++i) out[i] = static_cast<std::uint32_t>(bits[i]) << 16;
 }
 
-/// A sequence's view of a paged pool: position -> row pointers.
+/// A sequence's view of a paged pool: position -> row pointers (clsa/paged_view.hpp addresses).
 template <class Elem>
 struct PagedSequence {
   const PagedCacheLayout* layout;
-  const std::int32_t* pages;  // the sequence's page indices, in position order
-  int page_shift;             // log2(page_size)
+  PagedRows rows;
 
   PagedSequence(const PagedCacheLayout& l, const std::int32_t* sequence_pages)
-      : layout(&l), pages(sequence_pages), page_shift(0) {
-    while ((1 << page_shift) < l.page_size) ++page_shift;
-  }
-  std::int64_t page_of(std::int64_t position) const { return pages[position >> page_shift]; }
-  std::int64_t slot_of(std::int64_t position) const { return position & (layout->page_size - 1); }
+      : layout(&l), rows{sequence_pages, page_shift_of(l.page_size)} {}
 
   const Elem* key(std::int64_t position, int kv_head) const {
-    return static_cast<const Elem*>(layout->k) + page_of(position) * layout->k_page_stride +
-           slot_of(position) * layout->k_token_stride + kv_head * layout->k_head_stride;
+    return static_cast<const Elem*>(layout->k) + rows.k_offset(*layout, position, kv_head);
   }
   const Elem* value(std::int64_t position, int kv_head) const {
-    return static_cast<const Elem*>(layout->v) + page_of(position) * layout->v_page_stride +
-           slot_of(position) * layout->v_token_stride + kv_head * layout->v_head_stride;
+    return static_cast<const Elem*>(layout->v) + rows.v_offset(*layout, position, kv_head);
   }
   const Elem* index_key(std::int64_t position) const {
-    return static_cast<const Elem*>(layout->index_keys) + page_of(position) * layout->index_page_stride +
-           slot_of(position) * layout->index_token_stride;
+    return static_cast<const Elem*>(layout->index_keys) + rows.index_offset(*layout, position);
   }
 };
 

@@ -1,0 +1,401 @@
+// The lightning indexer on the GPU, its score pass (this file: tensor cores for 16-bit keys, the
+// first radix histogram fused in) and its plan; the exact multi-CTA radix select that follows is
+// in indexer_select.cu.
+//
+//   score_kernel   grid (token tiles of the planned max_length, sequences, row blocks): reads every
+//                  visible indexer key once
+//                  (16-byte loads), mma.sync m16n8k16 with the queries' heads as M, writes the
+//                  f32 scores and adds the top 11 bits of each candidate's key to hist0[row].
+//   filter_kernel  grid (rows, position tiles): finds the threshold bin of hist0, writes the
+//                  positions above it, compacts the bin's members (as routing keys), builds hist1.
+//   finish_kernel  one CTA per row: sinks and window, then the remaining radix passes over the
+//                  (usually small) candidate set, down to the position bits (ties to the lower
+//                  position), the -1 padding, and the routed set rewritten in ascending order;
+//                  it leaves the row's histograms and counters zero for the next call.
+//
+// The routing key of a candidate is the 64-bit (score_key(score) << 32 | ~position): unique, so the
+// selected set is exactly the CPU's. Candidate lists live in the workspace with room for every
+// position: nothing is ever dropped.
+#include <algorithm>
+
+#include "indexer_common.cuh"
+
+namespace clsa {
+namespace cuda_kernels {
+
+namespace indexer {
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class Elem>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+    mma_bf16(c, a, b0, b1);
+  } else {
+    mma_f16(c, a, b0, b1);
+  }
+}
+
+/// Adds this CTA's scores of block rows to hist0 (top 11 bits of each candidate's key).
+__device__ void add_first_histogram(const SelectParams& p, int b, int t_begin, int t_end, int tile_begin,
+                                    unsigned* histogram) {
+  const IndexerArgs& a = p.a;
+  for (int t = t_begin; t < t_end; ++t) {
+    const RowPlan plan(a, b, t);
+    if (!plan.selects) continue;  // uniform over the CTA
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
+    __syncthreads();
+    const std::int64_t row = std::int64_t{b} * a.tokens + t;
+    const float* scores = p.scores + row * p.stride;
+    for (int i = threadIdx.x; i < kScoreTile; i += blockDim.x) {
+      const int position = tile_begin + i;
+      if (position >= plan.sink_end && position < plan.window_begin) {
+        atomicAdd(&histogram[score_key(scores[position]) >> 21], 1u);
+      }
+    }
+    __syncthreads();
+    unsigned* global = p.hist0 + row * kBins;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+      if (histogram[i] != 0) atomicAdd(&global[i], histogram[i]);
+    }
+    __syncthreads();
+  }
+}
+
+/// Scores with tensor cores (f16/bf16 keys, DIM 64 or 128). Queries of rows_per_block tokens x
+/// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
+template <class Elem, int DIM>
+__global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p) {
+  const IndexerArgs& a = p.a;
+  extern __shared__ __align__(16) unsigned char shared[];
+  constexpr int kRowElems = DIM + 32;  // rows 64 bytes apart modulo 128: conflict-free A loads
+  const int heads = a.heads;
+  const int padded = p.padded_heads;
+  const int b = blockIdx.y;
+  const int t_begin = blockIdx.z * p.rows_per_block;
+  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
+  const int block_rows = t_end - t_begin;
+  const int length = planned_length(a, b);
+  const int tile_begin = blockIdx.x * kScoreTile;
+  if (tile_begin >= length) return;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;  // the token of this lane in an n-tile; a row of C
+  const int quad = lane % 4;   // threadID_in_group
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
+  const PagedCacheLayout& layout = a.layout;
+  const Elem* keys = static_cast<const Elem*>(layout.index_keys);
+  constexpr int kVectors = DIM / 32;  // 16-byte loads per lane per token
+  const int head_tiles = padded / 16;
+  const int warp_begin = tile_begin + warp * kTokensPerWarp;
+  // This lane's key rows in all of the warp's n-tiles, resolved up front (independent page-table
+  // reads) so that the key loads never wait on a lookup; nullptr past the sequence's end.
+  constexpr int kTiles = kTokensPerWarp / 8;
+  const Elem* key_rows[kTiles];
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile) {
+    const int position = warp_begin + tile * 8 + group;
+    key_rows[tile] = position < length ? keys + paged.index_offset(layout, position) + quad * 8 : nullptr;
+  }
+  auto load_step = [&](int n0, uint4(&raw)[2][kVectors]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const Elem* row = key_rows[n0 / 8 + half];
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v)
+        raw[half][v] = row != nullptr ? load_vector(row + v * 32) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 next[2][kVectors];
+  load_step(0, next);
+
+  Elem* queries = reinterpret_cast<Elem*>(shared);  // [block_rows * padded][kRowElems]
+  float* weights = reinterpret_cast<float*>(queries + static_cast<std::size_t>(p.rows_per_block) * padded * kRowElems);
+  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * padded);
+  for (int i = threadIdx.x; i < block_rows * padded * (DIM / 8); i += blockDim.x) {
+    const int r = i / (DIM / 8);
+    const int v = i % (DIM / 8);
+    const int t = t_begin + r / padded;
+    const int h = r % padded;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (h < heads) {
+      value = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(a.q) + b * a.q_stride_b + t * a.q_stride_t +
+                                              h * a.q_stride_h + v * 8);
+    }
+    *reinterpret_cast<uint4*>(queries + static_cast<std::size_t>(r) * kRowElems + v * 8) = value;
+  }
+  for (int i = threadIdx.x; i < block_rows * padded; i += blockDim.x) {
+    const int t = t_begin + i / padded;
+    const int h = i % padded;
+    float w = 0.0f;
+    if (h < heads) {
+      const std::int64_t offset = b * a.w_stride_b + t * a.w_stride_t + h;
+      switch (a.weights_dtype) {
+        case DType::f32:
+          w = static_cast<const float*>(a.weights)[offset];
+          break;
+        case DType::f16:
+          w = __half2float(static_cast<const __half*>(a.weights)[offset]);
+          break;
+        default:
+          w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
+          break;
+      }
+    }
+    weights[i] = w;
+  }
+  __syncthreads();
+
+  // Two n-tiles (16 tokens) per step; the next step's 2 * kVectors loads per lane are issued
+  // before this step's arithmetic (the first before the queries are staged).
+#pragma unroll
+  for (int n0 = 0; n0 < kTokensPerWarp; n0 += 16) {
+    uint4 raw[2][kVectors];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) raw[half][v] = next[half][v];
+    }
+    if (n0 + 16 < kTokensPerWarp) load_step(n0 + 16, next);
+    if (warp_begin + n0 >= length) break;  // uniform over the warp
+    for (int r = 0; r < block_rows; ++r) {
+      float total[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [n-tile][column pair]
+      for (int ht = 0; ht < head_tiles; ++ht) {
+        const int m_row = r * padded + ht * 16;
+        const Elem* q_low = queries + static_cast<std::size_t>(m_row + group) * kRowElems + quad * 8;
+        const Elem* q_high = q_low + 8 * kRowElems;
+        float c[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) {
+          const uint4 low = *reinterpret_cast<const uint4*>(q_low + v * 32);
+          const uint4 high = *reinterpret_cast<const uint4*>(q_high + v * 32);
+          // Dimension order inside a 32-dim chunk is permuted identically for A and B (the sum
+          // over k does not care): k-step 2v takes words 0,1; k-step 2v+1 takes words 2,3.
+          const unsigned a_even[4] = {low.x, high.x, low.y, high.y};
+          const unsigned a_odd[4] = {low.z, high.z, low.w, high.w};
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            mma<Elem>(c[half], a_even, raw[half][v].x, raw[half][v].y);
+            mma<Elem>(c[half], a_odd, raw[half][v].z, raw[half][v].w);
+          }
+        }
+        const float w_low = weights[r * padded + ht * 16 + group];
+        const float w_high = weights[r * padded + ht * 16 + group + 8];
+        const bool low_valid = ht * 16 + group < heads;
+        const bool high_valid = ht * 16 + group + 8 < heads;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            float value = (low_valid ? w_low * relu_keep_nan(c[half][col]) : 0.0f) +
+                          (high_valid ? w_high * relu_keep_nan(c[half][col + 2]) : 0.0f);
+            value += __shfl_xor_sync(kFullMask, value, 4);
+            value += __shfl_xor_sync(kFullMask, value, 8);
+            value += __shfl_xor_sync(kFullMask, value, 16);
+            total[half][col] += value;
+          }
+        }
+      }
+      if (group == 0) {
+        const std::int64_t row = std::int64_t{b} * a.tokens + t_begin + r;
+        float* out = p.scores + row * p.stride;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int position = warp_begin + n0 + half * 8 + quad * 2;
+          if (position < length) out[position] = a.scale * total[half][0];
+          if (position + 1 < length) out[position + 1] = a.scale * total[half][1];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
+}
+
+/// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
+__global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p) {
+  const IndexerArgs& a = p.a;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int dim = a.dim;
+  const int heads = a.heads;
+  const int b = blockIdx.y;
+  const int t_begin = blockIdx.z * p.rows_per_block;
+  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
+  const int block_rows = t_end - t_begin;
+  const int length = planned_length(a, b);
+  const int tile_begin = blockIdx.x * kScoreTile;
+  if (tile_begin >= length) return;
+  float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]
+  float* weights = queries + static_cast<std::size_t>(p.rows_per_block) * heads * dim;
+  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * heads);
+  for (int i = threadIdx.x; i < block_rows * heads * dim; i += blockDim.x) {
+    const int r = i / (heads * dim);
+    const int h = (i / dim) % heads;
+    const int d = i % dim;
+    queries[i] = static_cast<const float*>(a.q)[b * a.q_stride_b + (t_begin + r) * a.q_stride_t + h * a.q_stride_h + d];
+  }
+  for (int i = threadIdx.x; i < block_rows * heads; i += blockDim.x) {
+    const std::int64_t offset = b * a.w_stride_b + (t_begin + i / heads) * a.w_stride_t + i % heads;
+    float w;
+    switch (a.weights_dtype) {
+      case DType::f32:
+        w = static_cast<const float*>(a.weights)[offset];
+        break;
+      case DType::f16:
+        w = __half2float(static_cast<const __half*>(a.weights)[offset]);
+        break;
+      default:
+        w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
+        break;
+    }
+    weights[i] = w;
+  }
+  __syncthreads();
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
+  const PagedCacheLayout& layout = a.layout;
+  for (int i = threadIdx.x; i < kScoreTile; i += blockDim.x) {
+    const int position = tile_begin + i;
+    if (position >= length) break;
+    const float* key = static_cast<const float*>(layout.index_keys) + paged.index_offset(layout, position);
+    for (int r = 0; r < block_rows; ++r) {
+      float total = 0.0f;
+      for (int h = 0; h < heads; ++h) {
+        const float* q = queries + (static_cast<std::size_t>(r) * heads + h) * dim;
+        float dot = 0.0f;
+        for (int d = 0; d < dim; d += 4) {
+          const float4 k4 = *reinterpret_cast<const float4*>(key + d);
+          dot = fmaf(q[d], k4.x, dot);
+          dot = fmaf(q[d + 1], k4.y, dot);
+          dot = fmaf(q[d + 2], k4.z, dot);
+          dot = fmaf(q[d + 3], k4.w, dot);
+        }
+        total += weights[r * heads + h] * relu_keep_nan(dot);
+      }
+      p.scores[(std::int64_t{b} * a.tokens + t_begin + r) * p.stride + position] = a.scale * total;
+    }
+  }
+  __syncthreads();
+  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
+}
+
+}  // namespace indexer
+
+namespace {
+
+using namespace indexer;
+
+using ScoreKernel = void (*)(SelectParams);
+
+/// The score kernels that exist: (dtype, index_dim) -> kernel; dim 0 means any multiple of 4.
+struct ScoreVariant {
+  DType dtype;
+  int dim;
+  ScoreKernel kernel;
+};
+const ScoreVariant kScoreVariants[] = {
+    {DType::bf16, 64, score_kernel_mma<__nv_bfloat16, 64>},
+    {DType::bf16, 128, score_kernel_mma<__nv_bfloat16, 128>},
+    {DType::f16, 64, score_kernel_mma<__half, 64>},
+    {DType::f16, 128, score_kernel_mma<__half, 128>},
+    {DType::f32, 0, score_kernel_f32},
+};
+
+int score_variant(DType dtype, int dim) {
+  for (int i = 0; i < static_cast<int>(sizeof(kScoreVariants) / sizeof(kScoreVariants[0])); ++i) {
+    const ScoreVariant& v = kScoreVariants[i];
+    if (v.dtype == dtype && (v.dim == dim || (v.dim == 0 && dim % 4 == 0))) return i;
+  }
+  return -1;
+}
+
+/// Shared memory of one query row in the score kernel, and the rows a CTA stages for T tokens.
+std::size_t query_row_bytes(DType dtype, int heads, int dim) {
+  if (dtype == DType::f32) return static_cast<std::size_t>(heads) * (dim + 1) * 4;
+  return static_cast<std::size_t>(ceil_div(heads, 16) * 16) * ((dim + 32) * 2 + 4);
+}
+int rows_per_block(std::size_t row_bytes, int tokens) {
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(tokens, kQueryBudget / row_bytes)));
+}
+
+}  // namespace
+
+bool indexer_supports(DType dtype, int dim) {
+  return score_variant(dtype, dim) >= 0;
+}
+
+IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim) {
+  // Grid limits: y and z extents of a launch are at most 65535.
+  const std::int64_t rows = std::int64_t{max_sequences} * max_tokens;
+  const std::int64_t filter_tiles = ceil_div(max_length, kFilterTile);
+  if (max_sequences > 65535 || max_tokens > 65535 || filter_tiles > 65535 || rows > INT32_MAX) {
+    detail::fail(ErrorCode::capacity_exceeded,
+                 detail::concat("bounds of ", max_sequences, " sequences x ", max_tokens, " query tokens, length ",
+                                max_length, " exceed what the CUDA kernels' grids hold (at most 65535 sequences, ",
+                                "65535 query tokens, ", std::int64_t{65535} * kFilterTile, " positions)"));
+  }
+  IndexerPlan plan;
+  plan.max_sequences = max_sequences;
+  plan.max_tokens = max_tokens;
+  plan.max_length = max_length;
+  const Workspace w(static_cast<int>(rows), max_length);
+  plan.stride = w.stride;
+  plan.bytes = w.end;
+  for (const ScoreVariant& v : kScoreVariants) {
+    if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
+    const std::size_t row_bytes = query_row_bytes(v.dtype, heads, dim);
+    allow_shared_memory(reinterpret_cast<const void*>(v.kernel),
+                        row_bytes * rows_per_block(row_bytes, max_tokens) + kBins * 4,
+                        "cudaFuncSetAttribute (indexer scores)");
+  }
+  return plan;
+}
+
+void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* workspace, cudaStream_t stream) {
+  const int rows = args.num_sequences * args.tokens;
+  const Workspace w(plan.max_sequences * plan.max_tokens, plan.max_length);
+  auto* base = static_cast<unsigned char*>(workspace);
+  SelectParams p{};
+  p.a = args;
+  p.a.max_length = plan.max_length;
+  p.page_shift = page_shift_of(args.layout.page_size);
+  p.stride = w.stride;
+  p.scores = reinterpret_cast<float*>(base + w.scores);
+  p.hist0 = reinterpret_cast<unsigned*>(base + w.hist0);
+  p.hist1 = reinterpret_cast<unsigned*>(base + w.hist1);
+  p.counters = reinterpret_cast<unsigned*>(base + w.counters);
+  p.bitmap = reinterpret_cast<unsigned*>(base + w.bitmap);
+  p.candidates = reinterpret_cast<std::uint64_t*>(base + w.candidates);
+  p.spare = reinterpret_cast<std::uint64_t*>(base + w.spare);
+
+  const DType dtype = args.layout.dtype;
+  const int variant = score_variant(dtype, args.dim);
+  if (variant < 0) detail::fail(ErrorCode::unsupported, "index_select: no score kernel (internal)");
+  p.padded_heads = dtype == DType::f32 ? args.heads : static_cast<int>(ceil_div(args.heads, 16) * 16);
+  const std::size_t row_bytes = query_row_bytes(dtype, args.heads, args.dim);
+  p.rows_per_block = rows_per_block(row_bytes, args.tokens);
+  const std::size_t shared = row_bytes * p.rows_per_block + kBins * 4;
+  // Launch sizes come from the plan (max_length), never from the lengths of the moment.
+  const dim3 grid(static_cast<unsigned>(ceil_div(plan.max_length, kScoreTile)),
+                  static_cast<unsigned>(args.num_sequences),
+                  static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
+  kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
+  detail::cuda_check_launch("indexer score_kernel");
+  launch_select(p, rows, plan.max_length, stream);
+}
+
+}  // namespace cuda_kernels
+}  // namespace clsa

@@ -1,0 +1,164 @@
+// CacheBatch: the page tables the kernels read (libclsa's own, or wrapped engine tables), and
+// the checks of an engine's pool layout.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "batch_storage.hpp"
+#include "clsa/cache.hpp"
+#include "common/check.hpp"
+
+namespace clsa {
+
+namespace detail {
+
+BatchTables batch_tables(const CacheBatch& batch) {
+  BatchTables tables;
+  tables.layout = batch.layout();
+  tables.num_sequences = batch.num_sequences();
+  tables.max_length = batch.max_length();
+  tables.host_lengths = batch.lengths();
+  tables.last_page_lengths = batch.device_last_page_lengths();
+  tables.page_indptr = batch.device_page_indptr();
+  tables.page_indices = batch.device_page_indices();
+  return tables;
+}
+
+}  // namespace detail
+
+void CacheBatch::point_at_tables(const std::int32_t* tables) {
+  const std::size_t capacity = static_cast<std::size_t>(storage_->capacity);
+  host_lengths_ = storage_->host_lengths.data();
+  device_page_indptr_ = tables;
+  device_last_page_lengths_ = tables + capacity + 1;
+  device_page_indices_ = tables + 2 * capacity + 1;
+}
+
+int CacheBatch::capacity() const {
+  return storage_ ? storage_->capacity : 0;
+}
+
+std::int64_t CacheBatch::page_capacity() const {
+  return storage_ ? static_cast<std::int64_t>(storage_->page_capacity) : 0;
+}
+
+bool CacheBatch::fixed_capacity() const {
+  return storage_ && storage_->fixed;
+}
+
+void validate_layout(const char* what, const PagedCacheLayout& l) {
+  auto bad = [&](ErrorCode code, const std::string& detail_text) {
+    detail::fail(code, detail::concat(what, ": pool ", detail_text));
+  };
+  if (l.k == nullptr || l.v == nullptr || l.index_keys == nullptr)
+    bad(ErrorCode::invalid_argument, "has a null k, v or index_keys pointer");
+  if (l.dtype == DType::i32) bad(ErrorCode::dtype_mismatch, "dtype is i32; expected f32, f16 or bf16");
+  if (l.num_kv_heads <= 0 || l.head_dim <= 0 || l.index_dim <= 0 || l.num_pages <= 0) {
+    bad(ErrorCode::invalid_argument,
+        detail::concat("has num_kv_heads ", l.num_kv_heads, ", head_dim ", l.head_dim, ", index_dim ", l.index_dim,
+                       ", num_pages ", l.num_pages, "; all must be > 0"));
+  }
+  if (!detail::is_power_of_two(l.page_size)) {
+    bad(ErrorCode::invalid_argument, detail::concat("page_size = ", l.page_size, "; it must be a power of two"));
+  }
+  if (l.num_pages > INT32_MAX || l.num_pages * l.page_size > INT32_MAX) {
+    bad(ErrorCode::invalid_argument, "holds more tokens than the int32 position range");
+  }
+  const std::int64_t strides[] = {l.k_page_stride,  l.k_token_stride, l.k_head_stride,     l.v_page_stride,
+                                  l.v_token_stride, l.v_head_stride,  l.index_page_stride, l.index_token_stride};
+  const char* names[] = {"k_page_stride",  "k_token_stride", "k_head_stride",     "v_page_stride",
+                         "v_token_stride", "v_head_stride",  "index_page_stride", "index_token_stride"};
+  for (std::size_t i = 0; i < 8; ++i) {
+    if (strides[i] < 0) bad(ErrorCode::shape_mismatch, detail::concat(names[i], " = ", strides[i], "; negative"));
+  }
+  if (l.device.is_cuda()) {
+    // The kernels read rows with 16-byte loads.
+    const std::int64_t element = static_cast<std::int64_t>(dtype_size(l.dtype));
+    for (std::size_t i = 0; i < 8; ++i) {
+      if ((strides[i] * element) % 16 != 0) {
+        bad(ErrorCode::shape_mismatch,
+            detail::concat(names[i], " = ", strides[i],
+                           " elements; on CUDA every stride must be a multiple of 16 bytes"));
+      }
+    }
+    if ((l.head_dim * element) % 16 != 0 || (l.index_dim * element) % 16 != 0) {
+      bad(ErrorCode::shape_mismatch, "rows (head_dim, index_dim) must be multiples of 16 bytes on CUDA");
+    }
+    const void* pointers[] = {l.k, l.v, l.index_keys};
+    for (const void* pointer : pointers) {
+      if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0)
+        bad(ErrorCode::shape_mismatch, "pointers must be 16-byte aligned on CUDA");
+    }
+  }
+}
+
+CacheBatch CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables) {
+  CacheBatch batch;
+  wrap(pool, tables, batch);
+  return batch;
+}
+
+void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables, CacheBatch& reuse) {
+  const char* fn = "CacheBatch::wrap";
+  validate_layout(fn, pool);
+  const int count = tables.num_sequences;
+  if (count <= 0)
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": tables.num_sequences = ", count, "; it must be > 0"));
+  if (tables.page_indptr == nullptr || tables.page_indices == nullptr || tables.last_page_lengths == nullptr ||
+      tables.host_page_indptr == nullptr || tables.host_last_page_lengths == nullptr) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn,
+                                ": tables has a null pointer (page_indptr, page_indices, last_page_lengths and "
+                                "their host copies are all required)"));
+  }
+  const std::int32_t* indptr = tables.host_page_indptr;
+  const std::int32_t* last = tables.host_last_page_lengths;
+  if (indptr[0] != 0)
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": tables.page_indptr[0] = ", indptr[0], "; it must be 0"));
+  if (!reuse.storage_ || reuse.storage_->device != pool.device || reuse.storage_->capacity > 0) {
+    reuse.storage_ = std::make_shared<detail::BatchStorage>();
+    reuse.storage_->device = pool.device;
+  }
+  std::vector<std::int32_t>& lengths = reuse.storage_->host_lengths;
+  lengths.resize(static_cast<std::size_t>(count));
+  std::int64_t max_length = 0;
+  for (int b = 0; b < count; ++b) {
+    const std::int64_t pages = std::int64_t{indptr[b + 1]} - indptr[b];
+    const bool empty = pages == 0 && last[b] == 0;
+    if (!empty && (pages < 1 || last[b] < 1 || last[b] > pool.page_size)) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": sequence ", b, " has ", pages, " pages (page_indptr[", b, "..", b + 1,
+                                  "] = ", indptr[b], "..", indptr[b + 1], ") and last_page_lengths[", b,
+                                  "] = ", last[b], "; each sequence needs >= 1 page and a last page length in 1..",
+                                  pool.page_size, ", or 0 pages and last page length 0 (an empty slot)"));
+    }
+    const std::int64_t length = empty ? 0 : (pages - 1) * std::int64_t{pool.page_size} + last[b];
+    if (length > INT32_MAX)
+      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequence ", b, " is too long"));
+    lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length);
+    max_length = std::max(max_length, length);
+  }
+  if (pool.device.is_cpu()) {
+    // Host tables: the page indices can be checked too.
+    for (std::int32_t i = 0; i < indptr[count]; ++i) {
+      if (tables.page_indices[i] < 0 || tables.page_indices[i] >= pool.num_pages) {
+        detail::fail(ErrorCode::invalid_argument,
+                     detail::concat(fn, ": tables.page_indices[", i, "] = ", tables.page_indices[i],
+                                    " is not a page of the pool (0..", pool.num_pages - 1, ")"));
+      }
+    }
+  }
+  reuse.layout_ = pool;
+  reuse.num_sequences_ = count;
+  reuse.max_length_ = max_length;
+  reuse.host_lengths_ = lengths.data();
+  reuse.device_last_page_lengths_ = tables.last_page_lengths;
+  reuse.device_page_indptr_ = tables.page_indptr;
+  reuse.device_page_indices_ = tables.page_indices;
+}
+
+}  // namespace clsa

@@ -1,0 +1,110 @@
+// The CPU backend: host memory, host page tables, appends as copies; the indexer and attention
+// drivers live in indexer.cpp and attention.cpp beside this file.
+#include "cpu/backend.hpp"
+
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "common/check.hpp"
+
+namespace clsa {
+namespace detail {
+
+namespace {
+
+/// On the CPU the kernels read the host tables themselves: one array, published as it is.
+class HostTables final : public TableUpload {
+ public:
+  explicit HostTables(std::size_t entries) : tables_(entries, 0) {}
+  std::int32_t* next() override { return tables_.data(); }
+  const std::int32_t* publish(std::size_t /*used*/, Stream /*stream*/) override { return tables_.data(); }
+
+ private:
+  std::vector<std::int32_t> tables_;
+};
+
+class CpuBackend final : public ComputeBackend {
+ public:
+  Backend kind() const override { return Backend::cpu; }
+
+  Device current_device() const override { return Device::cpu(); }
+  int make_current(Device /*device*/) const override { return -1; }
+  void restore_current(int /*previous*/) const noexcept override {}
+  void* allocate(Device /*device*/, std::size_t bytes) const override {
+    try {
+      return ::operator new(bytes, std::align_val_t(256));
+    } catch (const std::bad_alloc&) {
+      fail(ErrorCode::capacity_exceeded, concat("host allocation of ", bytes, " bytes failed"));
+    }
+  }
+  void deallocate(Device /*device*/, void* pointer) const noexcept override {
+    ::operator delete(pointer, std::align_val_t(256));
+  }
+  void zero(Device /*device*/, void* data, std::size_t bytes, Stream /*stream*/, bool /*on_stream*/) const override {
+    std::memset(data, 0, bytes);
+  }
+  void copy(void* dst, const void* src, std::size_t bytes) const override { std::memcpy(dst, src, bytes); }
+  void synchronize(Stream /*stream*/) const override {}
+  std::unique_ptr<TableUpload> make_table_upload(Device /*device*/, std::size_t entries) const override {
+    return std::make_unique<HostTables>(entries);
+  }
+  std::unique_ptr<StatusReport> make_status_report() const override { return nullptr; }
+
+  void append(const AppendCall& call, Stream /*stream*/) const override {
+    const PagedCacheLayout& layout = call.layout;
+    const std::size_t element = dtype_size(layout.dtype);
+    const std::size_t head_bytes = static_cast<std::size_t>(layout.head_dim) * element;
+    const std::size_t index_bytes = static_cast<std::size_t>(layout.index_dim) * element;
+    auto* k_pool = static_cast<char*>(const_cast<void*>(layout.k));
+    auto* v_pool = static_cast<char*>(const_cast<void*>(layout.v));
+    auto* index_pool = static_cast<char*>(const_cast<void*>(layout.index_keys));
+    const auto* k_src = static_cast<const char*>(call.k.data());
+    const auto* v_src = static_cast<const char*>(call.v.data());
+    const auto* index_src = static_cast<const char*>(call.index_keys.data());
+    const std::int64_t tokens = call.k.size(0);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      const std::int64_t position = call.first_position + t;
+      const std::int64_t page = call.pages[position >> call.page_shift];
+      const std::int64_t slot = position & (layout.page_size - 1);
+      for (int h = 0; h < layout.num_kv_heads; ++h) {
+        std::memcpy(
+            k_pool + (page * layout.k_page_stride + slot * layout.k_token_stride + h * layout.k_head_stride) * element,
+            k_src + (t * call.k.stride(0) + h * call.k.stride(1)) * element, head_bytes);
+        std::memcpy(
+            v_pool + (page * layout.v_page_stride + slot * layout.v_token_stride + h * layout.v_head_stride) * element,
+            v_src + (t * call.v.stride(0) + h * call.v.stride(1)) * element, head_bytes);
+      }
+      std::memcpy(index_pool + (page * layout.index_page_stride + slot * layout.index_token_stride) * element,
+                  index_src + t * call.index_keys.stride(0) * element, index_bytes);
+    }
+  }
+
+  // The reference kernels take every shape and float dtype.
+  std::string indexer_unsupported(const IndexerConfig& /*config*/, DType /*dtype*/) const override { return {}; }
+  std::unique_ptr<Plan> plan_indexer(const IndexerConfig& config, const Bounds& bounds) const override {
+    return plan_indexer_cpu(config, bounds);
+  }
+  void select(const IndexerConfig& config, const SelectCall& call, const Plan& plan, void* scratch,
+              StatusReport* /*status*/, Stream /*stream*/) const override {
+    select_cpu(config, call, plan, scratch);
+  }
+  std::string attention_unsupported(const AttentionConfig& /*config*/) const override { return {}; }
+  std::unique_ptr<Plan> plan_attention(const AttentionConfig& config, const Bounds& bounds) const override {
+    return plan_attention_cpu(config, bounds);
+  }
+  void attend(const AttentionConfig& config, const AttendCall& call, const Plan& plan, void* scratch,
+              StatusReport* /*status*/, Stream /*stream*/) const override {
+    attend_cpu(config, call, plan, scratch);
+  }
+};
+
+}  // namespace
+
+const ComputeBackend& cpu_backend() {
+  static const CpuBackend backend;
+  return backend;
+}
+
+}  // namespace detail
+}  // namespace clsa

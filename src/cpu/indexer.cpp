@@ -1,0 +1,125 @@
+// The indexer on the CPU: scores for blocks of query rows over chunks of positions (one long
+// sequence still spreads over every thread), then an exact top-k per query row.
+#include <algorithm>
+
+#include "backend/memory.hpp"
+#include "clsa/cpu/indexer.hpp"
+#include "clsa/paged_view.hpp"
+#include "cpu/backend.hpp"
+#include "cpu/cpu_util.hpp"
+#include "cpu/thread_pool.hpp"
+
+namespace clsa {
+namespace detail {
+
+namespace {
+
+constexpr int kRowBlock = 16;         // query rows scored together
+constexpr int kPositionChunk = 1024;  // positions per work item
+
+/// The CPU indexer's scratch for its bounds: queries and weights widened to f32, the scores
+/// [rows, max_length], each worker's score scratch and routing-key scratch.
+struct IndexerPlanCpu final : Plan {
+  std::size_t rows = 0;     // planned query rows
+  std::int64_t stride = 0;  // positions per scores row (the planned max_length)
+  std::size_t scratch_floats = 0;
+  struct Pieces {
+    float* queries;
+    float* weights;
+    float* scores;
+    float* scratch;
+    std::uint64_t* keys;
+  };
+  /// Carves (or, with a counting carver, sizes) the pieces.
+  Pieces carve(Carver& carver, const IndexerConfig& c) const {
+    const std::size_t heads = static_cast<std::size_t>(c.num_heads);
+    const std::size_t workers = static_cast<std::size_t>(ThreadPool::instance().size());
+    const std::size_t length = static_cast<std::size_t>(stride);
+    Pieces pieces{};
+    pieces.queries = carver.take<float>(rows * heads * static_cast<std::size_t>(c.index_dim));
+    pieces.weights = carver.take<float>(rows * heads);
+    pieces.scores = carver.take<float>(rows * length);
+    pieces.scratch = carver.take<float>(workers * scratch_floats);
+    pieces.keys = carver.take<std::uint64_t>(workers * length);
+    return pieces;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Plan> plan_indexer_cpu(const IndexerConfig& config, const Bounds& bounds) {
+  auto plan = std::make_unique<IndexerPlanCpu>();
+  plan->stride = bounds.span;
+  plan->rows = static_cast<std::size_t>(bounds.sequences) * static_cast<std::size_t>(bounds.tokens);
+  // Rounded up so that every worker's scratch is aligned alike (results must not depend on
+  // which worker ran an item).
+  plan->scratch_floats =
+      (cpu::index_scores_scratch(kPositionChunk, config.index_dim, kRowBlock, config.num_heads) + 63) / 64 * 64;
+  Carver counter;
+  plan->carve(counter, config);
+  plan->workspace_bytes = counter.used();
+  return plan;
+}
+
+void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base_plan, void* scratch) {
+  const auto& plan = static_cast<const IndexerPlanCpu&>(base_plan);
+  const BatchTables& batch = call.batch;
+  const RoutingIndex& out = call.out;
+  const int sequences = batch.num_sequences;
+  const int tokens = call.tokens;
+  const int heads = c.num_heads;
+  const int dim = c.index_dim;
+  const std::int64_t stride = plan.stride;
+  const std::size_t rows = static_cast<std::size_t>(sequences) * static_cast<std::size_t>(tokens);
+  Carver carver(scratch);
+  const IndexerPlanCpu::Pieces pieces = plan.carve(carver, c);
+
+  widen_to_f32(call.q_idx, pieces.queries);
+  widen_to_f32(call.head_weights, pieces.weights);
+  ThreadPool& pool = ThreadPool::instance();
+
+  // Work items of the score pass: (sequence, row block, position chunk).
+  const int row_blocks = (tokens + kRowBlock - 1) / kRowBlock;
+  const std::int64_t chunks = (batch.max_length + kPositionChunk - 1) / kPositionChunk;
+  const std::int32_t* indptr = batch.page_indptr;
+  const std::int32_t* indices = batch.page_indices;
+  dispatch_float(batch.layout.dtype, [&](auto tag) {
+    using Elem = typename decltype(tag)::type;
+    pool.parallel_for(std::int64_t{sequences} * row_blocks * chunks, [&](std::int64_t item, int worker) {
+      const int b = static_cast<int>(item / (std::int64_t{row_blocks} * chunks));
+      const int block = static_cast<int>(item / chunks % row_blocks);
+      const std::int64_t chunk = item % chunks;
+      const std::int64_t length = batch.host_lengths[b];
+      const int first_row = block * kRowBlock;
+      const int block_rows = std::min(kRowBlock, tokens - first_row);
+      // Visible positions of the block's last row bound what must be scored.
+      const std::int64_t visible = visible_length(length, tokens, first_row + block_rows - 1);
+      const std::int64_t begin = chunk * kPositionChunk;
+      if (begin >= visible) return;
+      const int count = static_cast<int>(std::min<std::int64_t>(kPositionChunk, visible - begin));
+      float* work = pieces.scratch + static_cast<std::size_t>(worker) * plan.scratch_floats;
+      const cpu::PagedSequence<Elem> paged(batch.layout, indices + indptr[b]);
+      const std::size_t row0 = static_cast<std::size_t>(b) * tokens + static_cast<std::size_t>(first_row);
+      cpu::index_scores(paged, begin, count, dim, pieces.queries + row0 * heads * dim, pieces.weights + row0 * heads,
+                        block_rows, heads, c.scale, pieces.scores + row0 * stride + begin, stride, work);
+    });
+  });
+
+  // Selection, one query row per item.
+  std::int32_t* routed_positions = out.positions.data_as<std::int32_t>();
+  std::int32_t* routed_counts = out.counts.data_as<std::int32_t>();
+  pool.parallel_for(static_cast<std::int64_t>(rows), [&](std::int64_t row, int worker) {
+    const int b = static_cast<int>(row / tokens);
+    const int t = static_cast<int>(row % tokens);
+    const int visible = visible_length(batch.host_lengths[b], tokens, t);
+    std::uint64_t* key_scratch = pieces.keys + static_cast<std::size_t>(worker) * static_cast<std::size_t>(stride);
+    std::int32_t* routed = routed_positions + b * out.positions.stride(0) + t * out.positions.stride(1);
+    const int count = cpu::select_row(pieces.scores + static_cast<std::size_t>(row) * stride, visible, c.top_k,
+                                      c.sink_tokens, c.local_window, routed, key_scratch);
+    std::fill(routed + count, routed + c.top_k, -1);
+    routed_counts[b * out.counts.stride(0) + t * out.counts.stride(1)] = count;
+  });
+}
+
+}  // namespace detail
+}  // namespace clsa
