@@ -34,8 +34,18 @@ void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, std::size_t> allowed;
   const std::lock_guard<std::mutex> lock(mutex);
-  std::size_t& limit = allowed[{kernel, current_device()}];
+  const int device = current_device();
+  std::size_t& limit = allowed[{kernel, device}];
   if (bytes <= limit) return;
+  // A plan that needs more than the device offers is refused when it is made, not at a launch.
+  int most = 0;
+  detail::cuda_check(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                     "cudaDeviceGetAttribute (shared memory per block)");
+  if (bytes > static_cast<std::size_t>(most)) {
+    detail::fail(ErrorCode::unsupported,
+                 detail::concat(what, ": this plan needs ", bytes, " bytes of shared memory per block; cuda:", device,
+                                " allows ", most, " (fewer query tokens or heads per call)"));
+  }
   detail::cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                      what);
   limit = bytes;
