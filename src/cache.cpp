@@ -44,6 +44,8 @@ struct SharedKVCache::State {
   std::int64_t tokens = 0;
   // The pools above stay empty when the cache wraps engine memory (layout points there).
 
+  std::int64_t pages_holding(std::int64_t length) const { return (length + config.page_size - 1) >> page_shift; }
+
   SequenceState& find(const char* function, SequenceId id) {
     auto it = sequences.find(static_cast<std::int64_t>(id));
     if (it == sequences.end()) {
@@ -337,7 +339,7 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
                    detail::concat(fn, ": sequences[", i, "] = ", static_cast<std::int64_t>(sequences[i]),
                                   " is not in this cache"));
     }
-    total_pages += it->second.pages.size();
+    total_pages += static_cast<std::size_t>(s.pages_holding(it->second.length));
   }
   if (count > static_cast<std::size_t>(storage.capacity) || total_pages > storage.page_capacity) {
     if (storage.fixed) {
@@ -364,8 +366,10 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
     if (i < count && sequences[i] != empty_slot) {
       const SequenceState& seq = s.sequences.find(static_cast<std::int64_t>(sequences[i]))->second;
       length = static_cast<std::int32_t>(seq.length);
-      pages = static_cast<std::int32_t>(seq.pages.size());
-      std::copy(seq.pages.begin(), seq.pages.end(), indices + indptr[i]);
+      // The pages that hold its tokens: an append in flight on another thread may already have
+      // reserved more, which must not count before its length is published.
+      pages = static_cast<std::int32_t>(s.pages_holding(seq.length));
+      std::copy(seq.pages.begin(), seq.pages.begin() + pages, indices + indptr[i]);
     }
     last_page_lengths[i] = pages > 0 ? length - (pages - 1) * s.config.page_size : 0;
     storage.host_lengths[i] = length;
