@@ -58,26 +58,26 @@ class MappedStatusReport final : public StatusReport {
 /// copy two refills back, and the device tables never move.
 class StagedTables final : public TableUpload {
  public:
-  StagedTables(Device device, std::size_t entries) : device_(device) {
+  explicit StagedTables(std::size_t entries) {
     const std::size_t bytes = entries * sizeof(std::int32_t);
-    for (int i = 0; i < 2; ++i) {
-      void* memory = nullptr;
-      cuda_check(cudaMallocHost(&memory, bytes), "cudaMallocHost (batch tables)");
-      staging_[i] = static_cast<std::int32_t*>(memory);
-      std::memset(memory, 0, bytes);
-      cuda_check(cudaEventCreateWithFlags(&copied_[i], cudaEventDisableTiming), "cudaEventCreate (batch tables)");
+    try {
+      for (int i = 0; i < 2; ++i) {
+        void* memory = nullptr;
+        cuda_check(cudaMallocHost(&memory, bytes), "cudaMallocHost (batch tables)");
+        staging_[i] = static_cast<std::int32_t*>(memory);
+        std::memset(memory, 0, bytes);
+        cuda_check(cudaEventCreateWithFlags(&copied_[i], cudaEventDisableTiming), "cudaEventCreate (batch tables)");
+      }
+      cuda_check(cudaMalloc(&tables_, bytes), "cudaMalloc (batch tables)");
+      // Zeroed before any stream of the caller's can read them.
+      cuda_check(cudaMemset(tables_, 0, bytes), "cudaMemset (batch tables)");
+      cuda_check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (batch tables)");
+    } catch (...) {
+      release();
+      throw;
     }
-    cuda_check(cudaMalloc(&tables_, bytes), "cudaMalloc (batch tables)");
-    cuda_check(cudaMemset(tables_, 0, bytes), "cudaMemset (batch tables)");
   }
-  ~StagedTables() override {
-    for (int i = 0; i < 2; ++i) {
-      (void)cudaEventSynchronize(copied_[i]);  // a copy out of the staging may be in flight
-      (void)cudaEventDestroy(copied_[i]);
-      (void)cudaFreeHost(staging_[i]);
-    }
-    (void)cudaFree(tables_);
-  }
+  ~StagedTables() override { release(); }
   StagedTables(const StagedTables&) = delete;
   StagedTables& operator=(const StagedTables&) = delete;
 
@@ -95,7 +95,20 @@ class StagedTables final : public TableUpload {
   }
 
  private:
-  Device device_;
+  void release() noexcept {
+    for (int i = 0; i < 2; ++i) {
+      if (copied_[i] != nullptr) {
+        (void)cudaEventSynchronize(copied_[i]);  // a copy out of the staging may be in flight
+        (void)cudaEventDestroy(copied_[i]);
+      }
+      if (staging_[i] != nullptr) (void)cudaFreeHost(staging_[i]);
+      copied_[i] = nullptr;
+      staging_[i] = nullptr;
+    }
+    if (tables_ != nullptr) (void)cudaFree(tables_);
+    tables_ = nullptr;
+  }
+
   std::int32_t* staging_[2] = {nullptr, nullptr};
   cudaEvent_t copied_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
   int next_ = 0;
@@ -108,6 +121,27 @@ struct IndexerPlanCuda final : Plan {
 
 struct AttentionPlanCuda final : Plan {
   cuda_kernels::AttentionPlan kernels;
+};
+
+/// Makes `device` current for a scope (exceptions included) and restores the caller's device.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(Device device) {
+    int current = 0;
+    cuda_check(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != device.index) {
+      cuda_check(cudaSetDevice(device.index), "cudaSetDevice");
+      previous_ = current;
+    }
+  }
+  ~ScopedDevice() {
+    if (previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_ = -1;
 };
 
 class CudaBackend final : public ComputeBackend {
@@ -130,10 +164,12 @@ class CudaBackend final : public ComputeBackend {
     if (previous >= 0) (void)cudaSetDevice(previous);
   }
   void* allocate(Device device, std::size_t bytes) const override {
-    const int previous = make_current(device);
     void* pointer = nullptr;
-    const cudaError_t status = cudaMalloc(&pointer, bytes);
-    restore_current(previous);
+    cudaError_t status = cudaSuccess;
+    {
+      const ScopedDevice scope(device);
+      status = cudaMalloc(&pointer, bytes);
+    }
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       fail(ErrorCode::cuda_error,
@@ -144,15 +180,14 @@ class CudaBackend final : public ComputeBackend {
   }
   void deallocate(Device device, void* pointer) const noexcept override {
     try {
-      const int previous = make_current(device);
+      const ScopedDevice scope(device);
       (void)cudaFree(pointer);
-      restore_current(previous);
     } catch (const Error&) {
       // No device to switch to (a dying process): nothing can be freed there anyway.
     }
   }
   void zero(Device device, void* data, std::size_t bytes, Stream stream, bool on_stream) const override {
-    const int previous = make_current(device);
+    const ScopedDevice scope(device);
     if (on_stream) {
       cuda_check(cudaMemsetAsync(data, 0, bytes, stream.cuda()), "cudaMemsetAsync (workspace)");
     } else {
@@ -160,7 +195,6 @@ class CudaBackend final : public ComputeBackend {
       cuda_check(cudaMemsetAsync(data, 0, bytes, nullptr), "cudaMemsetAsync (workspace)");
       cuda_check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (workspace)");
     }
-    restore_current(previous);
   }
   void copy(void* dst, const void* src, std::size_t bytes) const override {
     cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
@@ -169,10 +203,8 @@ class CudaBackend final : public ComputeBackend {
     cuda_check(cudaStreamSynchronize(stream.cuda()), "cudaStreamSynchronize");
   }
   std::unique_ptr<TableUpload> make_table_upload(Device device, std::size_t entries) const override {
-    const int previous = make_current(device);
-    std::unique_ptr<TableUpload> tables = std::make_unique<StagedTables>(device, entries);
-    restore_current(previous);
-    return tables;
+    const ScopedDevice scope(device);
+    return std::make_unique<StagedTables>(entries);
   }
   std::unique_ptr<StatusReport> make_status_report() const override { return std::make_unique<MappedStatusReport>(); }
 

@@ -76,7 +76,18 @@ struct AttentionCore {
              const detail::Workspace::External* external = nullptr) {
     std::size_t needed = 0;
     std::unique_ptr<detail::Plan> next = make_plan(bounds, &needed);
-    base = workspace.adopt(fn, needed, stream, on_stream, external);
+    try {
+      base = workspace.adopt(fn, needed, stream, on_stream, external);
+    } catch (...) {
+      // Refused before the memory changed: the current plan stands. Failed after (a CUDA error
+      // zeroing new memory): nothing may keep pointing at the old memory, so plan afresh later.
+      if (workspace.data() != base) {
+        base = nullptr;
+        plan.reset();
+        plan_book = detail::PlanBook{};
+      }
+      throw;
+    }
     plan = std::move(next);
     plan_book.set(bounds, fixed);
   }

@@ -119,12 +119,11 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
   if (indptr[0] != 0)
     detail::fail(ErrorCode::invalid_argument,
                  detail::concat(fn, ": tables.page_indptr[0] = ", indptr[0], "; it must be 0"));
-  if (!reuse.storage_ || reuse.storage_->device != pool.device || reuse.storage_->capacity > 0) {
-    reuse.storage_ = std::make_shared<detail::BatchStorage>();
-    reuse.storage_->device = pool.device;
-  }
-  std::vector<std::int32_t>& lengths = reuse.storage_->host_lengths;
-  lengths.resize(static_cast<std::size_t>(count));
+  // Everything is checked before `reuse` changes (all or nothing).
+  auto length_of = [&](int b) {
+    const std::int64_t pages = std::int64_t{indptr[b + 1]} - indptr[b];
+    return pages == 0 && last[b] == 0 ? 0 : (pages - 1) * std::int64_t{pool.page_size} + last[b];
+  };
   std::int64_t max_length = 0;
   for (int b = 0; b < count; ++b) {
     const std::int64_t pages = std::int64_t{indptr[b + 1]} - indptr[b];
@@ -136,11 +135,9 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
                                   "] = ", last[b], "; each sequence needs >= 1 page and a last page length in 1..",
                                   pool.page_size, ", or 0 pages and last page length 0 (an empty slot)"));
     }
-    const std::int64_t length = empty ? 0 : (pages - 1) * std::int64_t{pool.page_size} + last[b];
-    if (length > INT32_MAX)
+    if (length_of(b) > INT32_MAX)
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequence ", b, " is too long"));
-    lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length);
-    max_length = std::max(max_length, length);
+    max_length = std::max(max_length, length_of(b));
   }
   if (pool.device.is_cpu()) {
     // Host tables: the page indices can be checked too.
@@ -152,6 +149,17 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
       }
     }
   }
+  // Host lengths in storage of the batch's own when it has some (a wrapped batch's, from an earlier
+  // wrap: no allocation once it has held as many sequences), else in new storage.
+  // Storage that must grow is replaced, never reallocated: copies of `reuse` keep theirs.
+  if (!reuse.storage_ || reuse.storage_->device != pool.device || reuse.storage_->upload ||
+      reuse.storage_->host_lengths.capacity() < static_cast<std::size_t>(count)) {
+    reuse.storage_ = std::make_shared<detail::BatchStorage>();
+    reuse.storage_->device = pool.device;
+  }
+  std::vector<std::int32_t>& lengths = reuse.storage_->host_lengths;
+  lengths.resize(static_cast<std::size_t>(count));
+  for (int b = 0; b < count; ++b) lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length_of(b));
   reuse.layout_ = pool;
   reuse.num_sequences_ = count;
   reuse.max_length_ = max_length;

@@ -24,14 +24,15 @@ struct BatchStorage {
   std::vector<std::int32_t> host_lengths;  // [capacity]: lengths (wrapped batches: computed)
   std::unique_ptr<TableUpload> upload;
 
-  std::size_t entries() const { return 2 * static_cast<std::size_t>(capacity) + 1 + page_capacity; }
-  /// (Re)allocates every table for `sequences` and `pages` (the contents are dropped).
+  /// Allocates every table for `sequences` and `pages` (a fresh storage; on failure it is left
+  /// as it was).
   void allocate_tables(int sequences, std::size_t pages) {
-    upload.reset();
+    const std::size_t entries = 2 * static_cast<std::size_t>(sequences) + 1 + pages;
+    std::unique_ptr<TableUpload> tables = backend_of(device).make_table_upload(device, entries);
+    host_lengths.assign(static_cast<std::size_t>(sequences), 0);
+    upload = std::move(tables);
     capacity = sequences;
     page_capacity = pages;
-    host_lengths.assign(static_cast<std::size_t>(capacity), 0);
-    upload = backend_of(device).make_table_upload(device, entries());
   }
 };
 

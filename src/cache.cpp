@@ -314,19 +314,19 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
   const State& s = *state_;
   if (sequences.empty()) detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": sequences is empty"));
   const detail::DeviceGuard guard(s.device);
-  if (reuse.storage_ && (reuse.storage_->device != s.device || !reuse.storage_->upload)) {
-    if (reuse.storage_->fixed) {
+  // All or nothing: `reuse` changes only once everything is checked and its new tables exist.
+  std::shared_ptr<detail::BatchStorage> target = reuse.storage_;
+  if (target && (target->device != s.device || !target->upload)) {
+    if (target->fixed) {
       detail::fail(ErrorCode::invalid_argument,
-                   detail::concat(fn, ": reuse was reserved for another cache (", device_name(reuse.storage_->device),
+                   detail::concat(fn, ": reuse was reserved for another cache (", device_name(target->device),
                                   ") or wraps engine tables"));
     }
-    reuse.storage_.reset();
+    target.reset();
   }
-  if (!reuse.storage_) {
-    reuse.storage_ = std::make_shared<detail::BatchStorage>();
-    reuse.storage_->device = s.device;
-  }
-  detail::BatchStorage& storage = *reuse.storage_;
+  // The staging buffer this refill writes, waited for (on CUDA: the copy two refills back)
+  // before the cache's lock is taken.
+  std::int32_t* host = target ? target->upload->next() : nullptr;
   const std::size_t count = sequences.size();
   std::lock_guard<std::mutex> lock(s.mutex);
   // Everything is checked before anything is written.
@@ -341,20 +341,25 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
     }
     total_pages += static_cast<std::size_t>(s.pages_holding(it->second.length));
   }
-  if (count > static_cast<std::size_t>(storage.capacity) || total_pages > storage.page_capacity) {
-    if (storage.fixed) {
+  if (!target || count > static_cast<std::size_t>(target->capacity) || total_pages > target->page_capacity) {
+    if (target && target->fixed) {
       detail::fail(ErrorCode::capacity_exceeded,
                    detail::concat(fn, ": ", count, " sequences holding ", total_pages,
-                                  " pages do not fit the batch reserved for ", storage.capacity, " sequences and ",
-                                  storage.page_capacity, " pages (reserve_batch with larger bounds)"));
+                                  " pages do not fit the batch reserved for ", target->capacity, " sequences and ",
+                                  target->page_capacity, " pages (reserve_batch with larger bounds)"));
     }
-    // Grow geometrically, so a decoding loop whose sequences cross pages soon stops allocating.
-    storage.allocate_tables(
-        static_cast<int>(std::max<std::size_t>(count, 2 * static_cast<std::size_t>(storage.capacity))),
-        std::max(total_pages, 2 * storage.page_capacity));
+    // New tables, grown geometrically so that a decoding loop whose sequences cross pages soon
+    // stops allocating; copies of `reuse` keep the old ones (as of their last refill).
+    auto grown = std::make_shared<detail::BatchStorage>();
+    grown->device = s.device;
+    grown->allocate_tables(
+        static_cast<int>(std::max<std::size_t>(count, 2 * static_cast<std::size_t>(target ? target->capacity : 0))),
+        std::max(total_pages, 2 * (target ? target->page_capacity : 0)));
+    target = std::move(grown);
+    host = target->upload->next();
   }
+  detail::BatchStorage& storage = *target;
   const std::size_t capacity = static_cast<std::size_t>(storage.capacity);
-  std::int32_t* host = storage.upload->next();
   std::int32_t* indptr = host;
   std::int32_t* last_page_lengths = indptr + capacity + 1;
   std::int32_t* indices = last_page_lengths + capacity;
@@ -376,6 +381,7 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
     max_length = std::max<std::int64_t>(max_length, length);
     indptr[i + 1] = indptr[i] + pages;
   }
+  reuse.storage_ = std::move(target);
   reuse.layout_ = s.layout;
   reuse.num_sequences_ = static_cast<int>(count);
   reuse.max_length_ = max_length;

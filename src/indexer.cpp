@@ -51,7 +51,18 @@ struct CrossLayerIndexer::State {
              const detail::Workspace::External* external = nullptr) {
     std::size_t bytes = 0;
     std::unique_ptr<detail::Plan> next = make_plan(bounds, &bytes);
-    base = workspace.adopt(fn, bytes, stream, on_stream, external);
+    try {
+      base = workspace.adopt(fn, bytes, stream, on_stream, external);
+    } catch (...) {
+      // Refused before the memory changed: the current plan stands. Failed after (a CUDA error
+      // zeroing new memory): nothing may keep pointing at the old memory, so plan afresh later.
+      if (workspace.data() != base) {
+        base = nullptr;
+        plan.reset();
+        plan_book = detail::PlanBook{};
+      }
+      throw;
+    }
     plan = std::move(next);
     plan_book.set(bounds, fixed);
   }

@@ -129,6 +129,27 @@ CLSA_BACKEND_TEST(cache_batch_tables, "batch() builds the page tables of the seq
   CHECK(batch.device_page_indptr() == tables);
   CHECK(batch.num_sequences() == 2);
   CHECK(batch.max_length() == 40);
+
+  // A refill that must grow gives the batch new tables; a copy keeps the old ones, whole (read
+  // through them: the sanitizer builds would catch a dangling table).
+  const clsa::CacheBatch copy = batch;
+  fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0], fixture.ids[1], fixture.ids[2], fixture.ids[3],
+                                              fixture.ids[4], fixture.ids[1]},
+                      batch);
+  CHECK(batch.num_sequences() == 6);
+  REQUIRE(copy.num_sequences() == 2);
+  CHECK(copy.length(0) == 40);
+  CHECK(copy.length(1) == 1);
+  const std::vector<std::int32_t> copy_indptr = read_table(copy.device_page_indptr(), 3);
+  const std::vector<std::int32_t> copy_last = read_table(copy.device_last_page_lengths(), 2);
+  CHECK(clsa::paged_length(copy_indptr.data(), copy_last.data(), config.page_size, 0) == 40);
+  CHECK(clsa::paged_length(copy_indptr.data(), copy_last.data(), config.page_size, 1) == 1);
+
+  // A refill refused for an unknown sequence leaves the batch as it was.
+  const clsa::SequenceId unknown = static_cast<clsa::SequenceId>(999);
+  CHECK_THROWS_AS(fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0], unknown}, batch), clsa::Error);
+  CHECK(batch.num_sequences() == 6);
+  CHECK(batch.length(5) == 40);
 }
 
 CLSA_BACKEND_TEST(cache_failed_append_changes_nothing, "a failed append leaves the cache exactly as it was",

@@ -433,7 +433,20 @@ TEST_CASE("bad engine tables and pools are refused", "[embedding][errors]") {
   auto* last = engine.host_last.data_as<std::int32_t>();
   const clsa::PagedCacheLayout good = engine.layout;
 
+  // A refused re-wrap leaves the batch it refills as it was (here: the one sequence of 40 tokens).
+  clsa::CacheBatch rewrapped = clsa::CacheBatch::wrap(good, engine.tables(1));
   last[1] = 17;
+  CLSA_REQUIRE_ERROR(clsa::CacheBatch::wrap(good, engine.tables(2), rewrapped), clsa::ErrorCode::invalid_argument,
+                     "last_page_lengths[1] = 17");
+  CHECK(rewrapped.num_sequences() == 1);
+  CHECK(rewrapped.length(0) == 40);
+  CHECK(rewrapped.max_length() == 40);
+  clsa::CacheBatch own = fixture.cache.batch({fixture.ids[1]});  // libclsa's own tables, then a refused wrap
+  CLSA_REQUIRE_ERROR(clsa::CacheBatch::wrap(good, engine.tables(2), own), clsa::ErrorCode::invalid_argument,
+                     "last_page_lengths[1] = 17");
+  CHECK(own.num_sequences() == 1);
+  CHECK(own.length(0) == 20);
+  CHECK(own.lengths()[0] == 20);
   CLSA_REQUIRE_ERROR(clsa::CacheBatch::wrap(good, engine.tables(2)), clsa::ErrorCode::invalid_argument,
                      "last_page_lengths[1] = 17");
   last[1] = 0;

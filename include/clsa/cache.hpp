@@ -89,8 +89,10 @@ struct PageTableView {
 
 /// The sequences of one batch, as the kernels see them: per sequence its pages (CSR:
 /// page_indptr[B+1] into page_indices) and the length of its last page. Tables live on the cache's device; lengths are
-/// also kept on the host. Cheap to copy: copies share the tables, and a refill of one is seen by
-/// all (their num_sequences() and max_length() stay those of the refill they were copied after).
+/// also kept on the host. Cheap to copy: copies share the tables, and a refill of one that fits
+/// them is seen by all (their num_sequences() and max_length() stay those of the refill they were
+/// copied after); a refill that must grow a batch gives it new tables and leaves its copies as
+/// they were. Tables of a reserve_batch() batch never grow.
 class CacheBatch {
  public:
   CacheBatch() = default;
