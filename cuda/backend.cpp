@@ -123,17 +123,19 @@ struct AttentionPlanCuda final : Plan {
   cuda_kernels::AttentionPlan kernels;
 };
 
-/// Makes `device` current for a scope (exceptions included) and restores the caller's device.
+/// Makes `device` current; returns the caller's device when it had to switch, else -1.
+int switch_device(Device device) {
+  int current = 0;
+  cuda_check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current == device.index) return -1;
+  cuda_check(cudaSetDevice(device.index), "cudaSetDevice");
+  return current;
+}
+
+/// switch_device for a scope (exceptions included): the caller's device is restored after.
 class ScopedDevice {
  public:
-  explicit ScopedDevice(Device device) {
-    int current = 0;
-    cuda_check(cudaGetDevice(&current), "cudaGetDevice");
-    if (current != device.index) {
-      cuda_check(cudaSetDevice(device.index), "cudaSetDevice");
-      previous_ = current;
-    }
-  }
+  explicit ScopedDevice(Device device) : previous_(switch_device(device)) {}
   ~ScopedDevice() {
     if (previous_ >= 0) (void)cudaSetDevice(previous_);
   }
@@ -141,8 +143,18 @@ class ScopedDevice {
   ScopedDevice& operator=(const ScopedDevice&) = delete;
 
  private:
-  int previous_ = -1;
+  int previous_;
 };
+
+/// The batch's page tables, as the kernels' argument structs (IndexerArgs, AttentionArgs) hold them.
+template <class Args>
+void set_tables(Args& args, const BatchTables& batch) {
+  args.layout = batch.layout;
+  args.last_page_lengths = batch.last_page_lengths;
+  args.page_indptr = batch.page_indptr;
+  args.page_indices = batch.page_indices;
+  args.num_sequences = batch.num_sequences;
+}
 
 class CudaBackend final : public ComputeBackend {
  public:
@@ -153,13 +165,7 @@ class CudaBackend final : public ComputeBackend {
     cuda_check(cudaGetDevice(&index), "cudaGetDevice");
     return Device::cuda(index);
   }
-  int make_current(Device device) const override {
-    int current = 0;
-    cuda_check(cudaGetDevice(&current), "cudaGetDevice");
-    if (current == device.index) return -1;
-    cuda_check(cudaSetDevice(device.index), "cudaSetDevice");
-    return current;
-  }
+  int make_current(Device device) const override { return switch_device(device); }
   void restore_current(int previous) const noexcept override {
     if (previous >= 0) (void)cudaSetDevice(previous);
   }
@@ -254,13 +260,8 @@ class CudaBackend final : public ComputeBackend {
   void select(const IndexerConfig& c, const SelectCall& call, const Plan& plan, void* scratch, StatusReport* status,
               Stream stream) const override {
     const cuda_kernels::IndexerPlan& kernels = static_cast<const IndexerPlanCuda&>(plan).kernels;
-    const BatchTables& batch = call.batch;
     cuda_kernels::IndexerArgs args{};
-    args.layout = batch.layout;
-    args.last_page_lengths = batch.last_page_lengths;
-    args.page_indptr = batch.page_indptr;
-    args.page_indices = batch.page_indices;
-    args.num_sequences = batch.num_sequences;
+    set_tables(args, call.batch);
     args.tokens = call.tokens;
     args.max_length = kernels.max_length;
     args.q = call.q_idx.data();
@@ -300,13 +301,8 @@ class CudaBackend final : public ComputeBackend {
   }
   void attend(const AttentionConfig& c, const AttendCall& call, const Plan& plan, void* scratch, StatusReport* status,
               Stream stream) const override {
-    const BatchTables& batch = call.batch;
     cuda_kernels::AttentionArgs args{};
-    args.layout = batch.layout;
-    args.last_page_lengths = batch.last_page_lengths;
-    args.page_indptr = batch.page_indptr;
-    args.page_indices = batch.page_indices;
-    args.num_sequences = batch.num_sequences;
+    set_tables(args, call.batch);
     args.tokens = call.tokens;
     args.q = call.q.data();
     args.q_stride_b = call.q.stride(0);

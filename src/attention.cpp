@@ -8,6 +8,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/memory.hpp"
+#include "backend/planned_workspace.hpp"
 #include "clsa/paged_view.hpp"
 #include "common/check.hpp"
 #include "common/plan.hpp"
@@ -24,10 +25,7 @@ struct AttentionCore {
   const detail::ComputeBackend* ops = nullptr;
   float scale = 0.0f;
   const char* span_name;  // "top_k" (sparse) or "max_length" (dense): the plan's span
-  detail::Workspace workspace;
-  detail::PlanBook plan_book;
-  std::unique_ptr<detail::Plan> plan;
-  void* base = nullptr;                          // the workspace the plan carved
+  detail::PlannedWorkspace planned;
   std::unique_ptr<detail::StatusReport> status;  // dense: sequences beyond the plan (CUDA)
 
   AttentionCore(const char* fn, const AttentionConfig& c, Backend requested, const char* span)
@@ -50,7 +48,7 @@ struct AttentionCore {
     ops = &detail::compute_backend(backend);
     const std::string unsupported = ops->attention_unsupported(c);
     if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
-    workspace.set_device(device);
+    planned.workspace.set_device(device);
     const detail::DeviceGuard guard(device);
     status = ops->make_status_report();
   }
@@ -76,20 +74,7 @@ struct AttentionCore {
              const detail::Workspace::External* external = nullptr) {
     std::size_t needed = 0;
     std::unique_ptr<detail::Plan> next = make_plan(bounds, &needed);
-    try {
-      base = workspace.adopt(fn, needed, stream, on_stream, external);
-    } catch (...) {
-      // Refused before the memory changed: the current plan stands. Failed after (a CUDA error
-      // zeroing new memory): nothing may keep pointing at the old memory, so plan afresh later.
-      if (workspace.data() != base) {
-        base = nullptr;
-        plan.reset();
-        plan_book = detail::PlanBook{};
-      }
-      throw;
-    }
-    plan = std::move(next);
-    plan_book.set(bounds, fixed);
+    planned.adopt(fn, std::move(next), needed, bounds, fixed, stream, on_stream, external);
   }
 
   void reserve(const char* fn, const detail::Bounds& bounds) {
@@ -108,7 +93,8 @@ struct AttentionCore {
   /// Plans (or checks against the plan) a call of `sequences` x `tokens` rows over `span`.
   void prepare(const char* fn, int sequences, int tokens, std::int64_t span, bool round_span, Stream stream) {
     const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(span, 1)};
-    if (plan_book.needs_plan(fn, call, span_name)) adopt(fn, plan_book.grown(call, round_span), false, stream, true);
+    if (planned.book.needs_plan(fn, call, span_name))
+      adopt(fn, planned.book.grown(call, round_span), false, stream, true);
   }
 
   void check_status(const char* fn) {
@@ -161,7 +147,7 @@ struct AttentionCore {
     call.lse = lse;
     call.scale = scale;
     call.tokens = static_cast<int>(q.size(1));
-    ops->attend(config, call, *plan, base, status.get(), stream);
+    ops->attend(config, call, *planned.plan, planned.base, status.get(), stream);
   }
 };
 

@@ -7,6 +7,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/memory.hpp"
+#include "backend/planned_workspace.hpp"
 #include "common/check.hpp"
 #include "common/plan.hpp"
 
@@ -18,11 +19,8 @@ struct CrossLayerIndexer::State {
   Device device{};
   const detail::ComputeBackend* ops = nullptr;
   // One workspace holds everything: the RoutingIndex that select() returns (positions
-  // [B, T, top_k], counts [B, T]), then the backend's scratch.
-  detail::Workspace workspace;
-  detail::PlanBook plan_book;  // bounds (span = max_length)
-  std::unique_ptr<detail::Plan> plan;
-  void* base = nullptr;                          // the workspace the plan carved
+  // [B, T, top_k], counts [B, T]), then the backend's scratch. Bounds' span = max_length.
+  detail::PlannedWorkspace planned;
   std::unique_ptr<detail::StatusReport> status;  // what kernels report after the fact (CUDA)
 
   struct Pieces {
@@ -51,20 +49,7 @@ struct CrossLayerIndexer::State {
              const detail::Workspace::External* external = nullptr) {
     std::size_t bytes = 0;
     std::unique_ptr<detail::Plan> next = make_plan(bounds, &bytes);
-    try {
-      base = workspace.adopt(fn, bytes, stream, on_stream, external);
-    } catch (...) {
-      // Refused before the memory changed: the current plan stands. Failed after (a CUDA error
-      // zeroing new memory): nothing may keep pointing at the old memory, so plan afresh later.
-      if (workspace.data() != base) {
-        base = nullptr;
-        plan.reset();
-        plan_book = detail::PlanBook{};
-      }
-      throw;
-    }
-    plan = std::move(next);
-    plan_book.set(bounds, fixed);
+    planned.adopt(fn, std::move(next), bytes, bounds, fixed, stream, on_stream, external);
   }
   void check_status(const char* fn) {
     if (status) status->check(fn, "its query rows routed nothing");
@@ -102,7 +87,7 @@ CrossLayerIndexer::CrossLayerIndexer(const IndexerConfig& config, Backend backen
   s.backend = resolve_backend(backend);
   s.device = backend_device(s.backend);
   s.ops = &detail::compute_backend(s.backend);
-  s.workspace.set_device(s.device);
+  s.planned.workspace.set_device(s.device);
   const detail::DeviceGuard guard(s.device);
   s.status = s.ops->make_status_report();
 }
@@ -207,10 +192,10 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   const int tokens = static_cast<int>(q_idx.size(1));
   const int sequences = batch.num_sequences();
   const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(batch.max_length(), 1)};
-  if (plan_book.needs_plan(fn, call, "max_length")) adopt(fn, plan_book.grown(call, true), false, stream, true);
-  const detail::Bounds& bounds = plan_book.bounds();
-  detail::Carver carver(base);
-  const Pieces pieces = carve(carver, bounds, plan->workspace_bytes);
+  if (planned.book.needs_plan(fn, call, "max_length")) adopt(fn, planned.book.grown(call, true), false, stream, true);
+  const detail::Bounds& bounds = planned.book.bounds();
+  detail::Carver carver(planned.base);
+  const Pieces pieces = carve(carver, bounds, planned.plan->workspace_bytes);
   RoutingIndex target;
   if (out == nullptr) {
     target.top_k = config.top_k;
@@ -225,7 +210,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   select_call.head_weights = head_weights;
   select_call.out = *out;
   select_call.tokens = tokens;
-  ops->select(config, select_call, *plan, pieces.scratch, status.get(), stream);
+  ops->select(config, select_call, *planned.plan, pieces.scratch, status.get(), stream);
 }
 
 RoutingIndex CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
