@@ -3,11 +3,18 @@
 //
 // One CTA = (query row, kv head, up to 8 query heads of its GQA group, one split of the tokens).
 // Every gathered K/V row is read once and serves all of the CTA's query heads:
-//   0. the split's token positions -> (page, slot) in shared memory
-//   1. one pass with online softmax: lanes cover a row's dimensions with 16-byte loads of K and
-//      V; each lane group reduces the dot products of several tokens and heads at once (one
-//      butterfly), updates its running max and sum, and accumulates P.V
-//   2. lane groups combined in a fixed order through shared memory (bitwise reproducible)
+//   0. the split's token positions -> (page, slot) in shared memory (the routed positions, the
+//      count and the lengths are read in one round trip)
+//   1. one pass with online softmax over the split's tokens, in one of two kernels:
+//      - attention_kernel_mma (16-bit caches, head_dim 64 / 128): tensor cores. Each warp takes
+//        16 tokens per step and issues all of their K and V loads (16-byte, straight into the
+//        mma fragment registers) at once; S = Q.K^T and O^T += V^T.P^T are m16n8k16 products
+//        (heads padded to the mma's 16 rows / 8 columns), with dimension and token orders permuted
+//        so that every fragment comes from whole 16-byte loads;
+//      - attention_kernel (f32 caches, head_dim 256): CUDA cores, lanes cover a row's dimensions
+//        with 16-byte loads, each lane group reduces several tokens' dot products in one
+//        butterfly, software-pipelined by one batch
+//   2. warps / lane groups combined in a fixed order through shared memory (bitwise reproducible)
 // With one split the CTA writes the output. Otherwise it writes its (o, m, l) to the workspace,
 // and the last CTA of its (row, kv head, head chunk) to finish, found with an atomic ticket,
 // merges all splits by log-sum-exp in split order: no second launch.
@@ -29,6 +36,8 @@ constexpr int kMaxGroup = 8;     // query heads per CTA; larger groups use sever
 constexpr int kMaxChunk = 4096;  // tokens per split: 32 KiB of (page, slot) rows
 constexpr int kMinChunk = 128;   // fewer, fuller splits: each split costs a merge
 constexpr int kMaxSplits = 512;  // bounds the merge's shared memory
+constexpr int kMmaWarps = 8;     // the tensor-core kernel: 16 tokens per warp and step
+constexpr int kMmaThreads = kMmaWarps * 32;
 
 template <class Elem, int D, int GP>
 struct Shape {
@@ -124,6 +133,162 @@ __device__ __forceinline__ float butterfly_sum(float (&values)[Lanes], int lane_
   return values[0];
 }
 
+/// What a CTA's split covers: its query row and the number of its tokens; the tokens' (page, slot)
+/// are in `rows` (page -1 for positions the query cannot see) after the caller's next barrier.
+struct SplitWork {
+  int b, t;  // sequence and query token of the row
+  int n;     // tokens in this split
+};
+
+template <int Threads>
+__device__ SplitWork split_rows(const Params& p, int2* rows) {
+  const AttentionArgs& a = p.a;
+  const SplitPlan& plan = p.plan;
+  const int split = blockIdx.z;
+  SplitWork work;
+  work.b = static_cast<int>(blockIdx.x) / a.tokens;
+  work.t = static_cast<int>(blockIdx.x) % a.tokens;
+  int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, work.b);
+  if (length > p.max_length) {
+    // Beyond the plan (dense: its splits do not cover it): reported, and the rows write zeros.
+    if (threadIdx.x == 0 && work.t == 0 && blockIdx.y == 0 && split == 0) {
+      report(a.status, RunStatus::length_beyond_plan, work.b, length, p.max_length);
+    }
+    length = 0;
+  }
+  const int visible = visible_length(length, a.tokens, work.t);
+  int count = visible;
+  const std::int32_t* routed = nullptr;
+  if (a.positions != nullptr) {
+    count = min(max(a.counts[work.b * a.counts_stride_b + work.t * a.counts_stride_t], 0), a.top_k);
+    routed = a.positions + work.b * a.positions_stride_b + work.t * a.positions_stride_t;
+  }
+  const int begin = split * plan.chunk;
+  work.n = max(0, min(count, begin + plan.chunk) - begin);
+  // The routed positions are read before the count is known (every entry below top_k exists), so
+  // that the count, the lengths and the positions take one round trip, not two.
+  const int in_split = routed != nullptr ? min(plan.chunk, a.top_k - begin) : work.n;
+  const PagedRows paged{a.page_indices + a.page_indptr[work.b], p.page_shift};
+  for (int i = threadIdx.x; i < in_split; i += Threads) {
+    const int position = routed != nullptr ? routed[begin + i] : begin + i;
+    const bool valid = i < work.n && position >= 0 && position < visible;
+    rows[i] = valid ? make_int2(static_cast<int>(paged.page(position)), static_cast<int>(paged.slot(position)))
+                    : make_int2(-1, 0);
+  }
+  return work;
+}
+
+/// After every one of the CTA's `groups` warps or lane groups has written its (acc, max, sum) for
+/// the `gp` heads of the chunk to shared memory (and a barrier): the groups combined in index order
+/// (deterministic, graph replays included), then the output (one split) or the split's partial
+/// result and, by the last split to finish, the merge of all splits.
+template <class Elem, int D, int Threads>
+__device__ void combine_and_merge(const Params& p, unsigned char* shared, int groups, int gp, const SplitWork& work,
+                                  int first_head, int heads_here) {
+  const AttentionArgs& a = p.a;
+  const SplitPlan& plan = p.plan;
+  const float* group_acc = reinterpret_cast<const float*>(shared + rows_bytes(plan));  // [groups][gp][D]
+  const float* group_max = group_acc + groups * gp * D;                                // [groups][gp]
+  const float* group_sum = group_max + groups * gp;                                    // [groups][gp]
+  __shared__ unsigned ticket;
+  const int tid = threadIdx.x;
+  const int row = blockIdx.x;
+  const int split = blockIdx.z;
+  const int b = work.b;
+  const int t = work.t;
+  const int q_heads = a.q_heads;
+  for (int i = tid; i < heads_here * D; i += Threads) {
+    const int g = i / D;
+    const int d = i % D;
+    float m = -INFINITY;
+    for (int k = 0; k < groups; ++k) m = fmaxf(m, group_max[k * gp + g]);
+    float l = 0.0f;
+    float o = 0.0f;
+    for (int k = 0; k < groups; ++k) {
+      const float km = group_max[k * gp + g];
+      const float weight = km == -INFINITY ? 0.0f : __expf(km - m);
+      l += group_sum[k * gp + g] * weight;
+      o += group_acc[(k * gp + g) * D + d] * weight;
+    }
+    const int head = first_head + g;
+    if (plan.splits == 1) {
+      Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t + head * a.out_stride_h;
+      out[d] = narrow<Elem>(l > 0.0f ? o / l : 0.0f);
+      if (d == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + head] = m + logf(l);
+    } else {
+      const std::size_t slot = (static_cast<std::size_t>(row) * q_heads + head) * plan.splits + split;
+      p.partial_out[slot * D + d] = o;
+      if (d == 0) {
+        p.partial_ml[slot * 2] = m;
+        p.partial_ml[slot * 2 + 1] = l;
+      }
+    }
+  }
+  if (plan.splits == 1) return;
+
+  // The last split to finish merges them all (threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  unsigned* counter = p.tickets + static_cast<std::size_t>(row) * gridDim.y + blockIdx.y;
+  if (tid == 0) ticket = atomicAdd(counter, 1u);
+  __syncthreads();
+  if (ticket != static_cast<unsigned>(plan.splits - 1)) return;
+  __threadfence();
+  const int splits = plan.splits;
+  float* weights = reinterpret_cast<float*>(shared + rows_bytes(plan));            // [gp][splits]
+  float* merged_max = weights + gp * splits;                                       // [gp]
+  float* inverse_sum = merged_max + gp;                                            // [gp]
+  const std::size_t first = static_cast<std::size_t>(row) * q_heads + first_head;  // (row, head) of g = 0
+  float* sums = inverse_sum + gp;                                                  // [gp][splits]
+  for (int i = tid; i < heads_here * splits; i += Threads) {
+    const int g = i / splits;
+    const int s = i % splits;
+    const float2 ml = __ldcg(reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits + s);
+    weights[i] = ml.x;
+    sums[i] = ml.y;
+  }
+  __syncthreads();
+  if (tid < heads_here) {
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, weights[tid * splits + s]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = weights[tid * splits + s];
+      const float weight = ms == -INFINITY ? 0.0f : __expf(ms - m);
+      l += sums[tid * splits + s] * weight;
+      weights[tid * splits + s] = weight;
+    }
+    merged_max[tid] = m;
+    inverse_sum[tid] = l > 0.0f ? 1.0f / l : 0.0f;
+    if (a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + first_head + tid] = m + logf(l);
+  }
+  __syncthreads();
+  // Four dimensions per thread (16-byte loads), every split's load independent.
+  for (int i = tid; i < heads_here * (D / 4); i += Threads) {
+    const int g = i / (D / 4);
+    const int d4 = i % (D / 4);
+    const float4* partial = reinterpret_cast<const float4*>(p.partial_out + (first + g) * splits * D) + d4;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      const float4 x = __ldcg(partial + static_cast<std::size_t>(s) * (D / 4));
+      const float w = weights[g * splits + s];
+      o.x = fmaf(w, x.x, o.x);
+      o.y = fmaf(w, x.y, o.y);
+      o.z = fmaf(w, x.z, o.z);
+      o.w = fmaf(w, x.w, o.w);
+    }
+    const float inverse = inverse_sum[g];
+    Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t +
+                (first_head + g) * a.out_stride_h + d4 * 4;
+    out[0] = narrow<Elem>(o.x * inverse);
+    out[1] = narrow<Elem>(o.y * inverse);
+    out[2] = narrow<Elem>(o.z * inverse);
+    out[3] = narrow<Elem>(o.w * inverse);
+  }
+  if (tid == 0) *counter = 0;  // ready for the next call (and the next graph replay)
+}
+
 template <class Elem, int D, int GP>
 __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   using S = Shape<Elem, D, GP>;
@@ -135,48 +300,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [groups][GP][D]
   float* group_max = group_acc + kGroupsPerCta * GP * D;                   // [groups][GP]
   float* group_sum = group_max + kGroupsPerCta * GP;                       // [groups][GP]
-  __shared__ unsigned ticket;
 
-  const int row = blockIdx.x;
   const int kv_head = blockIdx.y / plan.head_chunks;
   const int head_chunk = blockIdx.y % plan.head_chunks;
-  const int split = blockIdx.z;
   const int first_head = kv_head * plan.group + head_chunk * GP;
   const int heads_here = min(GP, plan.group - head_chunk * GP);
-  const int b = row / a.tokens;
-  const int t = row % a.tokens;
-  int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
-  if (length > p.max_length) {
-    // Beyond the plan (dense: its splits do not cover it): reported, and the rows write zeros.
-    if (threadIdx.x == 0 && t == 0 && blockIdx.y == 0 && split == 0) {
-      report(a.status, RunStatus::length_beyond_plan, b, length, p.max_length);
-    }
-    length = 0;
-  }
-  const int visible = visible_length(length, a.tokens, t);
-  int count = visible;
-  const std::int32_t* routed = nullptr;
-  if (a.positions != nullptr) {
-    count = min(max(a.counts[b * a.counts_stride_b + t * a.counts_stride_t], 0), a.top_k);
-    routed = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
-  }
-  const int begin = split * plan.chunk;
-  const int n = max(0, min(count, begin + plan.chunk) - begin);
+  const SplitWork work = split_rows<kThreads>(p, rows);
+  const int b = work.b;
+  const int t = work.t;
+  const int n = work.n;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int group_index = lane / S::kLanes;
   const int lane_in_group = lane % S::kLanes;
   const int group_lane = group_index * S::kLanes;  // first lane of this lane group
-
-  // Phase 0: positions -> (page, slot); positions a query cannot see are skipped (page -1).
-  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
-  for (int i = tid; i < n; i += kThreads) {
-    const int position = routed != nullptr ? routed[begin + i] : begin + i;
-    const bool valid = position >= 0 && position < visible;
-    rows[i] = valid ? make_int2(static_cast<int>(paged.page(position)), static_cast<int>(paged.slot(position)))
-                    : make_int2(-1, 0);
-  }
 
   // The CTA's queries, pre-scaled, in registers: this lane's dimensions of each head.
   float q[S::kChunks][S::kPerVector][GP];
@@ -368,97 +506,171 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   }
   __syncthreads();
 
-  const int q_heads = a.q_heads;
-  for (int i = tid; i < heads_here * D; i += kThreads) {
-    const int g = i / D;
-    const int d = i % D;
-    float m = -INFINITY;
-    for (int k = 0; k < kGroupsPerCta; ++k) m = fmaxf(m, group_max[k * GP + g]);
-    float l = 0.0f;
-    float o = 0.0f;
-    for (int k = 0; k < kGroupsPerCta; ++k) {
-      const float km = group_max[k * GP + g];
-      const float weight = km == -INFINITY ? 0.0f : __expf(km - m);
-      l += group_sum[k * GP + g] * weight;
-      o += group_acc[(k * GP + g) * D + d] * weight;
+  combine_and_merge<Elem, D, kThreads>(p, shared, kGroupsPerCta, GP, work, first_head, heads_here);
+}
+
+/// The tensor-core kernel (f16 / bf16 caches, D = 64 or 128), kMmaWarps warps of 16 tokens per
+/// step. Lane (g, q) = (lane / 4, lane % 4) of a warp:
+///   S = Q.K^T, m16n8k16 with M = heads (rows >= the chunk's heads are zero), N = 8 tokens, K = 16
+///     dimensions. Dimensions are permuted alike in A and B (the sum does not care): the lane
+///     loads 16 bytes of Q / of K row (token g of an n-tile) at dims 8q + 32v .. +7, whose words
+///     (x, y) and (z, w) are the fragments of two k-steps. The lane then holds the logits of head g
+///     at tokens 2q, 2q+1 of each n-tile.
+///   O^T += V^T.P^T, M = 16 dimensions, N = 8 heads, K = 16 tokens. P^T's fragment is the lane's own
+///     probabilities (tokens 2q, 2q+1, 8+2q, 9+2q of the step, head g); V^T's rows are permuted so
+///     that m-tile mt's rows g and g+8 are dims E*g + 2mt and E*g + 2mt + 1 (E = D / 8): the lane
+///     loads dims [E*g, E*g + E) of its four tokens (16-byte loads) and pairs their halves.
+template <class Elem, int D>
+__global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
+  static_assert(D == 64 || D == 128, "the tensor-core kernel takes head_dim 64 or 128");
+  constexpr int kKVectors = D / 32;         // 16-byte K loads per lane and token (and Q)
+  constexpr int kDimsPerRow = D / 8;        // E: output dims per lane row g
+  constexpr int kVVectors = D / 64;         // 16-byte V loads per lane and token
+  constexpr int kMTiles = kDimsPerRow / 2;  // m-tiles of O^T
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.6931471805599453f;
+  const AttentionArgs& a = p.a;
+  const SplitPlan& plan = p.plan;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int gp = plan.padded;                                              // heads of a chunk (<= 8)
+  int2* rows = reinterpret_cast<int2*>(shared);                            // [chunk]: (page, slot), page -1 = skip
+  float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [warps][gp][D]
+  float* group_max = group_acc + kMmaWarps * gp * D;                       // [warps][gp]
+  float* group_sum = group_max + kMmaWarps * gp;                           // [warps][gp]
+
+  const int kv_head = blockIdx.y / plan.head_chunks;
+  const int head_chunk = blockIdx.y % plan.head_chunks;
+  const int first_head = kv_head * plan.group + head_chunk * gp;
+  const int heads_here = min(gp, plan.group - head_chunk * gp);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int q = lane % 4;
+
+  // The queries of head g as A fragments (independent of the rows' round trip).
+  unsigned q_words[kKVectors][4];
+  {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    const Elem* q_row = static_cast<const Elem*>(a.q) + (blockIdx.x / a.tokens) * a.q_stride_b +
+                        (blockIdx.x % a.tokens) * a.q_stride_t + (first_head + g) * a.q_stride_h + q * 8;
+#pragma unroll
+    for (int v = 0; v < kKVectors; ++v) {
+      if (g < heads_here) raw = *reinterpret_cast<const uint4*>(q_row + v * 32);
+      q_words[v][0] = raw.x;
+      q_words[v][1] = raw.y;
+      q_words[v][2] = raw.z;
+      q_words[v][3] = raw.w;
     }
-    const int head = first_head + g;
-    if (plan.splits == 1) {
-      Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t + head * a.out_stride_h;
-      out[d] = narrow<Elem>(l > 0.0f ? o / l : 0.0f);
-      if (d == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + head] = m + logf(l);
-    } else {
-      const std::size_t slot = (static_cast<std::size_t>(row) * q_heads + head) * plan.splits + split;
-      p.partial_out[slot * D + d] = o;
-      if (d == 0) {
-        p.partial_ml[slot * 2] = m;
-        p.partial_ml[slot * 2 + 1] = l;
+  }
+  const SplitWork work = split_rows<kMmaThreads>(p, rows);
+  const int n = work.n;
+  __syncthreads();
+
+  const Elem* k_base = static_cast<const Elem*>(a.layout.k) + kv_head * a.layout.k_head_stride + q * 8;
+  const Elem* v_base = static_cast<const Elem*>(a.layout.v) + kv_head * a.layout.v_head_stride + g * kDimsPerRow;
+  const float logit_scale = a.scale * kLog2e;  // logits in log2 units: exp2f below
+  float acc[kMTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+  float running_max = -INFINITY;  // head g, log2 units
+  float running_sum = 0.0f;       // head g, this lane's tokens
+  // Warp-uniform loop (the shuffles and the mma need the whole warp).
+  for (int base = warp * 16; base < n; base += 16 * kMmaWarps) {
+    // Every K and V load of the step at once: K rows of tokens g, 8 + g; V rows of 2q, 2q+1, 8+2q, 9+2q.
+    int2 k_where[2], v_where[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) k_where[j] = base + 8 * j + g < n ? rows[base + 8 * j + g] : make_int2(-1, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int index = base + (j >> 1) * 8 + 2 * q + (j & 1);
+      v_where[j] = index < n ? rows[index] : make_int2(-1, 0);
+    }
+    uint4 k_raw[2][kKVectors], v_raw[4][kVVectors];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const Elem* row = k_base + k_where[j].x * a.layout.k_page_stride + k_where[j].y * a.layout.k_token_stride;
+#pragma unroll
+      for (int v = 0; v < kKVectors; ++v)
+        k_raw[j][v] = k_where[j].x >= 0 ? load_vector(row + v * 32) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const Elem* row = v_base + v_where[j].x * a.layout.v_page_stride + v_where[j].y * a.layout.v_token_stride;
+#pragma unroll
+      for (int u = 0; u < kVVectors; ++u)
+        v_raw[j][u] = v_where[j].x >= 0 ? load_vector(row + u * 8) : make_uint4(0, 0, 0, 0);
+    }
+
+    // S = Q.K^T for the two n-tiles; this lane: head g, tokens 2q, 2q+1 of each.
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kKVectors; ++v) {
+        const unsigned even[4] = {q_words[v][0], 0u, q_words[v][1], 0u};
+        const unsigned odd[4] = {q_words[v][2], 0u, q_words[v][3], 0u};
+        mma_16816<Elem>(s[j], even, k_raw[j][v].x, k_raw[j][v].y);
+        mma_16816<Elem>(s[j], odd, k_raw[j][v].z, k_raw[j][v].w);
       }
     }
+    // Online softmax of head g over the step (the tokens of v_where, in the same order).
+    float logit[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) logit[j] = v_where[j].x >= 0 ? s[j >> 1][j & 1] * logit_scale : -INFINITY;
+    float step_max = fmaxf(fmaxf(logit[0], logit[1]), fmaxf(logit[2], logit[3]));
+    step_max = fmaxf(step_max, __shfl_xor_sync(kFullMask, step_max, 1));
+    step_max = fmaxf(step_max, __shfl_xor_sync(kFullMask, step_max, 2));
+    const float new_max = fmaxf(running_max, step_max);
+    const float correction = new_max == -INFINITY ? 1.0f : exp2f(running_max - new_max);
+    float probability[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) probability[j] = logit[j] == -INFINITY ? 0.0f : exp2f(logit[j] - new_max);
+    running_sum = running_sum * correction + ((probability[0] + probability[1]) + (probability[2] + probability[3]));
+    running_max = new_max;
+    // The accumulator columns are heads 2q and 2q+1: their corrections come from rows g = 2q, 2q+1.
+    const float correction_even = __shfl_sync(kFullMask, correction, 8 * q);
+    const float correction_odd = __shfl_sync(kFullMask, correction, 8 * q + 4);
+    const unsigned p_low = pack_pair<Elem>(probability[0], probability[1]);
+    const unsigned p_high = pack_pair<Elem>(probability[2], probability[3]);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      acc[mt][0] *= correction_even;
+      acc[mt][1] *= correction_odd;
+      acc[mt][2] *= correction_even;
+      acc[mt][3] *= correction_odd;
+      const unsigned* w0 = reinterpret_cast<const unsigned*>(&v_raw[0][mt / 4]);
+      const unsigned* w1 = reinterpret_cast<const unsigned*>(&v_raw[1][mt / 4]);
+      const unsigned* w2 = reinterpret_cast<const unsigned*>(&v_raw[2][mt / 4]);
+      const unsigned* w3 = reinterpret_cast<const unsigned*>(&v_raw[3][mt / 4]);
+      const unsigned frag[4] = {
+          __byte_perm(w0[mt % 4], w1[mt % 4], 0x5410), __byte_perm(w0[mt % 4], w1[mt % 4], 0x7632),
+          __byte_perm(w2[mt % 4], w3[mt % 4], 0x5410), __byte_perm(w2[mt % 4], w3[mt % 4], 0x7632)};
+      mma_16816<Elem>(acc[mt], frag, p_low, p_high);
+    }
   }
-  if (plan.splits == 1) return;
 
-  // The last split to finish merges them all (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  unsigned* counter = p.tickets + static_cast<std::size_t>(row) * gridDim.y + blockIdx.y;
-  if (tid == 0) ticket = atomicAdd(counter, 1u);
-  __syncthreads();
-  if (ticket != static_cast<unsigned>(plan.splits - 1)) return;
-  __threadfence();
-  const int splits = plan.splits;
-  float* weights = reinterpret_cast<float*>(shared + rows_bytes(plan));            // [GP][splits]
-  float* merged_max = weights + GP * splits;                                       // [GP]
-  float* inverse_sum = merged_max + GP;                                            // [GP]
-  const std::size_t first = static_cast<std::size_t>(row) * q_heads + first_head;  // (row, head) of g = 0
-  float* sums = inverse_sum + GP;                                                  // [GP][splits]
-  for (int i = tid; i < heads_here * splits; i += kThreads) {
-    const int g = i / splits;
-    const int s = i % splits;
-    const float2 ml = __ldcg(reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits + s);
-    weights[i] = ml.x;
-    sums[i] = ml.y;
-  }
-  __syncthreads();
-  if (tid < heads_here) {
-    float m = -INFINITY;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, weights[tid * splits + s]);
-    float l = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = weights[tid * splits + s];
-      const float weight = ms == -INFINITY ? 0.0f : __expf(ms - m);
-      l += sums[tid * splits + s] * weight;
-      weights[tid * splits + s] = weight;
+  // Each warp's (acc, max, sum) to shared memory; max in natural-log units like the other kernel.
+  running_sum += __shfl_xor_sync(kFullMask, running_sum, 1);
+  running_sum += __shfl_xor_sync(kFullMask, running_sum, 2);
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int d = kDimsPerRow * g + 2 * mt;
+    if (2 * q < heads_here) {
+      group_acc[(warp * gp + 2 * q) * D + d] = acc[mt][0];
+      group_acc[(warp * gp + 2 * q) * D + d + 1] = acc[mt][2];
     }
-    merged_max[tid] = m;
-    inverse_sum[tid] = l > 0.0f ? 1.0f / l : 0.0f;
-    if (a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + first_head + tid] = m + logf(l);
+    if (2 * q + 1 < heads_here) {
+      group_acc[(warp * gp + 2 * q + 1) * D + d] = acc[mt][1];
+      group_acc[(warp * gp + 2 * q + 1) * D + d + 1] = acc[mt][3];
+    }
+  }
+  if (q == 0 && g < heads_here) {
+    group_max[warp * gp + g] = running_max * kLn2;
+    group_sum[warp * gp + g] = running_sum;
   }
   __syncthreads();
-  // Four dimensions per thread (16-byte loads), every split's load independent.
-  for (int i = tid; i < heads_here * (D / 4); i += kThreads) {
-    const int g = i / (D / 4);
-    const int d4 = i % (D / 4);
-    const float4* partial = reinterpret_cast<const float4*>(p.partial_out + (first + g) * splits * D) + d4;
-    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      const float4 x = __ldcg(partial + static_cast<std::size_t>(s) * (D / 4));
-      const float w = weights[g * splits + s];
-      o.x = fmaf(w, x.x, o.x);
-      o.y = fmaf(w, x.y, o.y);
-      o.z = fmaf(w, x.z, o.z);
-      o.w = fmaf(w, x.w, o.w);
-    }
-    const float inverse = inverse_sum[g];
-    Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t +
-                (first_head + g) * a.out_stride_h + d4 * 4;
-    out[0] = narrow<Elem>(o.x * inverse);
-    out[1] = narrow<Elem>(o.y * inverse);
-    out[2] = narrow<Elem>(o.z * inverse);
-    out[3] = narrow<Elem>(o.w * inverse);
-  }
-  if (tid == 0) *counter = 0;  // ready for the next call (and the next graph replay)
+  combine_and_merge<Elem, D, kMmaThreads>(p, shared, kMmaWarps, gp, work, first_head, heads_here);
 }
 
 /// A kernel variant: element type, head dim and query heads per CTA.
@@ -467,34 +679,38 @@ struct Variant {
   int dim;
   int padded;
   void (*kernel)(Params);
-  int groups_per_cta;  // lane groups whose partial results the CTA combines
+  int threads;
+  int groups_per_cta;  // warps or lane groups whose partial results the CTA combines
 };
 
-template <class Elem, int D, int GP>
-Variant make_variant(DType dtype) {
-  return {dtype, D, GP, attention_kernel<Elem, D, GP>, kWarps * Shape<Elem, D, GP>::kGroups};
+template <class Elem, int D>
+void add_cuda_core_variants(std::vector<Variant>& variants, DType dtype) {
+  variants.push_back({dtype, D, 1, attention_kernel<Elem, D, 1>, kThreads, kWarps * Shape<Elem, D, 1>::kGroups});
+  variants.push_back({dtype, D, 2, attention_kernel<Elem, D, 2>, kThreads, kWarps * Shape<Elem, D, 2>::kGroups});
+  variants.push_back({dtype, D, 4, attention_kernel<Elem, D, 4>, kThreads, kWarps * Shape<Elem, D, 4>::kGroups});
+  variants.push_back({dtype, D, 8, attention_kernel<Elem, D, 8>, kThreads, kWarps * Shape<Elem, D, 8>::kGroups});
 }
 
+/// One tensor-core kernel serves every chunk width (its heads are a run-time count).
 template <class Elem, int D>
-void add_variants(std::vector<Variant>& variants, DType dtype) {
-  variants.push_back(make_variant<Elem, D, 1>(dtype));
-  variants.push_back(make_variant<Elem, D, 2>(dtype));
-  variants.push_back(make_variant<Elem, D, 4>(dtype));
-  variants.push_back(make_variant<Elem, D, 8>(dtype));
+void add_tensor_core_variants(std::vector<Variant>& variants, DType dtype) {
+  for (int padded = 1; padded <= kMaxGroup; padded *= 2) {
+    variants.push_back({dtype, D, padded, attention_kernel_mma<Elem, D>, kMmaThreads, kMmaWarps});
+  }
 }
 
 const std::vector<Variant>& variants() {
   static const std::vector<Variant> all = [] {
     std::vector<Variant> v;
-    add_variants<float, 64>(v, DType::f32);
-    add_variants<float, 128>(v, DType::f32);
-    add_variants<float, 256>(v, DType::f32);
-    add_variants<__half, 64>(v, DType::f16);
-    add_variants<__half, 128>(v, DType::f16);
-    add_variants<__half, 256>(v, DType::f16);
-    add_variants<__nv_bfloat16, 64>(v, DType::bf16);
-    add_variants<__nv_bfloat16, 128>(v, DType::bf16);
-    add_variants<__nv_bfloat16, 256>(v, DType::bf16);
+    add_cuda_core_variants<float, 64>(v, DType::f32);
+    add_cuda_core_variants<float, 128>(v, DType::f32);
+    add_cuda_core_variants<float, 256>(v, DType::f32);
+    add_tensor_core_variants<__half, 64>(v, DType::f16);
+    add_tensor_core_variants<__half, 128>(v, DType::f16);
+    add_cuda_core_variants<__half, 256>(v, DType::f16);
+    add_tensor_core_variants<__nv_bfloat16, 64>(v, DType::bf16);
+    add_tensor_core_variants<__nv_bfloat16, 128>(v, DType::bf16);
+    add_cuda_core_variants<__nv_bfloat16, 256>(v, DType::bf16);
     return v;
   }();
   return all;
@@ -549,7 +765,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
     typical.padded = padded;
     typical.chunk = 1024;
     const void* kernel = reinterpret_cast<const void*>(v.kernel);
-    const int resident = resident_blocks(kernel, kThreads, shared_bytes(typical, dim, v.groups_per_cta),
+    const int resident = resident_blocks(kernel, v.threads, shared_bytes(typical, dim, v.groups_per_cta),
                                          "cudaOccupancyMaxActiveBlocksPerMultiprocessor (attention)");
     plan.slots[slot] = std::int64_t{resident} * multiprocessor_count();
     // Room for the partial results of the call with the most (rows x splits) of any batch size
@@ -589,7 +805,7 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const SplitPlan& splits = params.plan;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
                   static_cast<unsigned>(splits.splits));
-  v.kernel<<<grid, kThreads, shared_bytes(splits, v.dim, v.groups_per_cta), stream>>>(params);
+  v.kernel<<<grid, v.threads, shared_bytes(splits, v.dim, v.groups_per_cta), stream>>>(params);
   detail::cuda_check_launch("attention_kernel");
 }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "clsa/cache.hpp"
 #include "clsa/numeric.hpp"
@@ -89,6 +90,41 @@ __device__ __forceinline__ void widen_vector<__half>(const uint4& raw, float* ou
     out[2 * i] = pair.x;
     out[2 * i + 1] = pair.y;
   }
+}
+
+/// D += A.B on tensor cores, m16n8k16 with f32 accumulators (sm_80+): A's four and B's two
+/// registers in the PTX fragment layout of `mma.sync.aligned.m16n8k16.row.col`.
+template <class Elem>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  static_assert(std::is_same<Elem, __nv_bfloat16>::value || std::is_same<Elem, __half>::value,
+                "mma_16816 takes 16-bit elements");
+  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats rounded to one register of two 16-bit elements (`low` in the low half).
+template <class Elem>
+__device__ __forceinline__ unsigned pack_pair(float low, float high);
+template <>
+__device__ __forceinline__ unsigned pack_pair<__nv_bfloat16>(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const unsigned*>(&pair);
+}
+template <>
+__device__ __forceinline__ unsigned pack_pair<__half>(float low, float high) {
+  const __half2 pair = __floats2half2_rn(low, high);
+  return *reinterpret_cast<const unsigned*>(&pair);
 }
 
 /// Streaming 16-byte load through the read-only path (the cache is read once per call).

@@ -24,31 +24,6 @@ namespace clsa {
 namespace cuda_kernels {
 
 namespace indexer {
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <class Elem>
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
-    mma_bf16(c, a, b0, b1);
-  } else {
-    mma_f16(c, a, b0, b1);
-  }
-}
-
 /// Adds this CTA's scores of block rows to hist0 (top 11 bits of each candidate's key).
 __device__ void add_first_histogram(const SelectParams& p, int b, int t_begin, int t_end, int tile_begin,
                                     unsigned* histogram) {
@@ -189,8 +164,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
           const unsigned a_odd[4] = {low.z, high.z, low.w, high.w};
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            mma<Elem>(c[half], a_even, raw[half][v].x, raw[half][v].y);
-            mma<Elem>(c[half], a_odd, raw[half][v].z, raw[half][v].w);
+            mma_16816<Elem>(c[half], a_even, raw[half][v].x, raw[half][v].y);
+            mma_16816<Elem>(c[half], a_odd, raw[half][v].z, raw[half][v].w);
           }
         }
         const float w_low = weights[r * padded + ht * 16 + group];

@@ -120,7 +120,7 @@ void check_against_oracle(const test::CacheFixture& fixture, const AttentionCase
 AttentionCase random_case(test::Rng& rng, int trial, int max_length) {
   AttentionCase c;
   c.dtype = std::vector<DType>{DType::bf16, DType::f16, DType::f32}[static_cast<std::size_t>(trial % 3)];
-  const int group = std::vector<int>{1, 3, 4, 8}[static_cast<std::size_t>(trial % 4)];
+  const int group = std::vector<int>{1, 3, 4, 8, 16}[static_cast<std::size_t>(trial % 5)];
   c.kv_heads = rng.uniform(1, 3);
   c.q_heads = c.kv_heads * group;
   c.dim = std::vector<int>{64, 128, 256}[static_cast<std::size_t>(rng.uniform(0, 2))];
