@@ -22,6 +22,8 @@
 #include <climits>
 #include <vector>
 
+#include <cuda/atomic>
+
 #include "common.cuh"
 #include "kernels.hpp"
 
@@ -35,7 +37,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGroup = 8;     // query heads per CTA; larger groups use several CTAs
 constexpr int kMaxChunk = 4096;  // tokens per split: 32 KiB of (page, slot) rows
 constexpr int kMinChunk = 128;   // fewer, fuller splits: each split costs a merge
-constexpr int kMaxSplits = 512;  // bounds the merge's shared memory
+constexpr int kMaxSplits = 512;  // bounds the merge's work
 constexpr int kMmaWarps = 8;     // the tensor-core kernel: 16 tokens per warp and step
 constexpr int kMmaThreads = kMmaWarps * 32;
 
@@ -99,16 +101,13 @@ SplitPlan make_split_plan(int rows, int q_heads, int kv_heads, std::int64_t span
 }
 
 /// Shared memory of the attention kernel: the split's (page, slot) rows, then the per-lane-group
-/// partial results [groups][padded][dim] with their max and sum (later reused for the merge's
-/// split weights).
+/// partial results [groups][padded][dim] with their max and sum.
 __host__ __device__ inline std::size_t rows_bytes(const SplitPlan& plan) {
   return (static_cast<std::size_t>(plan.chunk) * sizeof(int2) + 15) / 16 * 16;
 }
 
 std::size_t shared_bytes(const SplitPlan& plan, int dim, int groups_per_cta) {
-  const std::size_t combine = static_cast<std::size_t>(groups_per_cta) * plan.padded * (dim + 2) * sizeof(float);
-  const std::size_t merge = static_cast<std::size_t>(plan.padded) * (2 * plan.splits + 2) * sizeof(float);
-  return rows_bytes(plan) + std::max(combine, merge);
+  return rows_bytes(plan) + static_cast<std::size_t>(groups_per_cta) * plan.padded * (dim + 2) * sizeof(float);
 }
 
 /// Sum over the `Lanes` lanes of a group of N = Lanes values per lane; afterwards lane i of the
@@ -159,15 +158,30 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
   const int visible = visible_length(length, a.tokens, work.t);
   int count = visible;
   const std::int32_t* routed = nullptr;
+  const std::int32_t* slots = nullptr;
   if (a.positions != nullptr) {
     count = min(max(a.counts[work.b * a.counts_stride_b + work.t * a.counts_stride_t], 0), a.top_k);
     routed = a.positions + work.b * a.positions_stride_b + work.t * a.positions_stride_t;
+    if (a.slots != nullptr) slots = a.slots + work.b * a.slots_stride_b + work.t * a.slots_stride_t;
   }
   const int begin = split * plan.chunk;
   work.n = max(0, min(count, begin + plan.chunk) - begin);
-  // The routed positions are read before the count is known (every entry below top_k exists), so
-  // that the count, the lengths and the positions take one round trip, not two.
+  // The routed positions (and their pool slots) are read before the count is known (every entry
+  // below top_k exists), so that the count, the lengths and the positions take one round trip;
+  // with slots there is no page-table lookup after it. Slots outside the pool are skipped like
+  // positions outside the visible range.
   const int in_split = routed != nullptr ? min(plan.chunk, a.top_k - begin) : work.n;
+  if (slots != nullptr) {
+    const int mask = (1 << p.page_shift) - 1;
+    for (int i = threadIdx.x; i < in_split; i += Threads) {
+      const int position = routed[begin + i];
+      const int slot = slots[begin + i];
+      const bool valid =
+          i < work.n && position >= 0 && position < visible && slot >= 0 && (slot >> p.page_shift) < a.layout.num_pages;
+      rows[i] = valid ? make_int2(slot >> p.page_shift, slot & mask) : make_int2(-1, 0);
+    }
+    return work;
+  }
   const PagedRows paged{a.page_indices + a.page_indptr[work.b], p.page_shift};
   for (int i = threadIdx.x; i < in_split; i += Threads) {
     const int position = routed != nullptr ? routed[begin + i] : begin + i;
@@ -226,59 +240,44 @@ __device__ void combine_and_merge(const Params& p, unsigned char* shared, int gr
   }
   if (plan.splits == 1) return;
 
-  // The last split to finish merges them all (threadFenceReduction pattern).
-  __threadfence();
+  // The last split to finish merges them all. Thread 0's acq_rel ticket, after the barrier,
+  // releases every thread's partial writes (and acquires the other splits' for the last CTA).
   __syncthreads();
   unsigned* counter = p.tickets + static_cast<std::size_t>(row) * gridDim.y + blockIdx.y;
-  if (tid == 0) ticket = atomicAdd(counter, 1u);
+  if (tid == 0) {
+    cuda::atomic_ref<unsigned, cuda::thread_scope_device> ticket_ref(*counter);
+    ticket = ticket_ref.fetch_add(1u, cuda::memory_order_acq_rel);
+  }
   __syncthreads();
   if (ticket != static_cast<unsigned>(plan.splits - 1)) return;
-  __threadfence();
   const int splits = plan.splits;
-  float* weights = reinterpret_cast<float*>(shared + rows_bytes(plan));            // [gp][splits]
-  float* merged_max = weights + gp * splits;                                       // [gp]
-  float* inverse_sum = merged_max + gp;                                            // [gp]
   const std::size_t first = static_cast<std::size_t>(row) * q_heads + first_head;  // (row, head) of g = 0
-  float* sums = inverse_sum + gp;                                                  // [gp][splits]
-  for (int i = tid; i < heads_here * splits; i += Threads) {
-    const int g = i / splits;
-    const int s = i % splits;
-    const float2 ml = __ldcg(reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits + s);
-    weights[i] = ml.x;
-    sums[i] = ml.y;
-  }
-  __syncthreads();
-  if (tid < heads_here) {
-    float m = -INFINITY;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, weights[tid * splits + s]);
-    float l = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = weights[tid * splits + s];
-      const float weight = ms == -INFINITY ? 0.0f : __expf(ms - m);
-      l += sums[tid * splits + s] * weight;
-      weights[tid * splits + s] = weight;
-    }
-    merged_max[tid] = m;
-    inverse_sum[tid] = l > 0.0f ? 1.0f / l : 0.0f;
-    if (a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + first_head + tid] = m + logf(l);
-  }
-  __syncthreads();
-  // Four dimensions per thread (16-byte loads), every split's load independent.
+  // One pass per (head, four dimensions): a running log-sum-exp over the splits in split order, the
+  // loads of 16 splits issued together (they do not depend on the running state).
   for (int i = tid; i < heads_here * (D / 4); i += Threads) {
     const int g = i / (D / 4);
     const int d4 = i % (D / 4);
     const float4* partial = reinterpret_cast<const float4*>(p.partial_out + (first + g) * splits * D) + d4;
+    const float2* ml = reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits;
+    float m = -INFINITY;
+    float l = 0.0f;
     float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
+#pragma unroll 16
     for (int s = 0; s < splits; ++s) {
+      const float2 split_ml = __ldcg(ml + s);
       const float4 x = __ldcg(partial + static_cast<std::size_t>(s) * (D / 4));
-      const float w = weights[g * splits + s];
-      o.x = fmaf(w, x.x, o.x);
-      o.y = fmaf(w, x.y, o.y);
-      o.z = fmaf(w, x.z, o.z);
-      o.w = fmaf(w, x.w, o.w);
+      const float new_max = fmaxf(m, split_ml.x);
+      const float keep = m == -INFINITY ? 0.0f : __expf(m - new_max);
+      const float take = split_ml.x == -INFINITY ? 0.0f : __expf(split_ml.x - new_max);
+      l = l * keep + split_ml.y * take;
+      o.x = o.x * keep + x.x * take;
+      o.y = o.y * keep + x.y * take;
+      o.z = o.z * keep + x.z * take;
+      o.w = o.w * keep + x.w * take;
+      m = new_max;
     }
-    const float inverse = inverse_sum[g];
+    const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
+    if (d4 == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + first_head + g] = m + logf(l);
     Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t +
                 (first_head + g) * a.out_stride_h + d4 * 4;
     out[0] = narrow<Elem>(o.x * inverse);
@@ -588,17 +587,20 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
     uint4 k_raw[2][kKVectors], v_raw[4][kVVectors];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const Elem* row = k_base + k_where[j].x * a.layout.k_page_stride + k_where[j].y * a.layout.k_token_stride;
+      // Skipped rows (page -1) load zeros and form no address.
+      const std::int64_t offset =
+          k_where[j].x >= 0 ? k_where[j].x * a.layout.k_page_stride + k_where[j].y * a.layout.k_token_stride : 0;
 #pragma unroll
       for (int v = 0; v < kKVectors; ++v)
-        k_raw[j][v] = k_where[j].x >= 0 ? load_vector(row + v * 32) : make_uint4(0, 0, 0, 0);
+        k_raw[j][v] = k_where[j].x >= 0 ? load_vector(k_base + offset + v * 32) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const Elem* row = v_base + v_where[j].x * a.layout.v_page_stride + v_where[j].y * a.layout.v_token_stride;
+      const std::int64_t offset =
+          v_where[j].x >= 0 ? v_where[j].x * a.layout.v_page_stride + v_where[j].y * a.layout.v_token_stride : 0;
 #pragma unroll
       for (int u = 0; u < kVVectors; ++u)
-        v_raw[j][u] = v_where[j].x >= 0 ? load_vector(row + u * 8) : make_uint4(0, 0, 0, 0);
+        v_raw[j][u] = v_where[j].x >= 0 ? load_vector(v_base + offset + u * 8) : make_uint4(0, 0, 0, 0);
     }
 
     // S = Q.K^T for the two n-tiles; this lane: head g, tokens 2q, 2q+1 of each.

@@ -284,6 +284,11 @@ class CudaBackend final : public ComputeBackend {
     args.counts = call.out.counts.data_as<std::int32_t>();
     args.counts_stride_b = call.out.counts.stride(0);
     args.counts_stride_t = call.out.counts.stride(1);
+    if (call.out.slots.defined()) {
+      args.slots = call.out.slots.data_as<std::int32_t>();
+      args.slots_stride_b = call.out.slots.stride(0);
+      args.slots_stride_t = call.out.slots.stride(1);
+    }
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
   }
@@ -330,6 +335,11 @@ class CudaBackend final : public ComputeBackend {
       args.counts_stride_b = routing.counts.stride(0);
       args.counts_stride_t = routing.counts.stride(1);
       args.top_k = routing.top_k;
+      if (routing.slots.defined()) {
+        args.slots = routing.slots.data_as<const std::int32_t>();
+        args.slots_stride_b = routing.slots.stride(0);
+        args.slots_stride_t = routing.slots.stride(1);
+      }
     }
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::attention(args, static_cast<const AttentionPlanCuda&>(plan).kernels, scratch, stream.cuda());

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "clsa/cache.hpp"
 #include "clsa/numeric.hpp"
@@ -152,6 +153,43 @@ void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what
 /// Resident CTAs per multiprocessor of `kernel` with `threads` threads and `shared` bytes of
 /// dynamic shared memory on the current device (at least 1).
 int resident_blocks(const void* kernel, int threads, std::size_t shared, const char* what);
+
+/// Programmatic dependent launch (sm_90+). A kernel launched by launch_after() may be scheduled
+/// while the kernel before it on the stream still runs: it must call wait_for_predecessor()
+/// before it reads anything that kernel writes (everything enqueued before that kernel is
+/// complete already). allow_dependents() lets the next such kernel be scheduled early. Below
+/// sm_90 all three are plain stream order.
+__device__ __forceinline__ void wait_for_predecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+/// Whether the current device runs programmatic dependent launches (compute capability >= 9.0).
+bool dependent_launch_supported();
+/// Launches `kernel` on `stream` as a programmatic dependent of the kernel before it (where the
+/// device supports it; otherwise an ordinary launch).
+template <class... Params, class... Args>
+void launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
+                  const char* what, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (dependent_launch_supported()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  detail::cuda_check(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
+}
 
 /// Reports a run-time violation to the host (first report wins).
 __device__ __forceinline__ void report(RunStatus* status, unsigned code, int sequence, int length, int limit) {

@@ -29,6 +29,18 @@ int multiprocessor_count() {
   return value;
 }
 
+bool dependent_launch_supported() {
+  static std::atomic<int> majors[kMaxCachedDevices] = {};
+  const int device = current_device();
+  int major = device < kMaxCachedDevices ? majors[device].load(std::memory_order_relaxed) : 0;
+  if (major == 0) {
+    detail::cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                       "cudaDeviceGetAttribute (compute capability)");
+    if (device < kMaxCachedDevices) majors[device].store(major, std::memory_order_relaxed);
+  }
+  return major >= 9;
+}
+
 void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mutex;

@@ -54,6 +54,7 @@ __device__ void add_first_histogram(const SelectParams& p, int b, int t_begin, i
 /// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
 template <class Elem, int DIM>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p) {
+  allow_dependents();  // the select kernels may be scheduled now; they wait for this grid
   const IndexerArgs& a = p.a;
   extern __shared__ __align__(16) unsigned char shared[];
   constexpr int kRowElems = DIM + 32;  // rows 64 bytes apart modulo 128: conflict-free A loads
@@ -203,6 +204,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
 
 /// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
 __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p) {
+  allow_dependents();  // the select kernels may be scheduled now; they wait for this grid
   const IndexerArgs& a = p.a;
   extern __shared__ __align__(16) unsigned char shared[];
   const int dim = a.dim;

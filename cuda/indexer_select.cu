@@ -38,6 +38,8 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) 
   __shared__ int result[2];
   __shared__ unsigned histogram[kBins];
   __shared__ unsigned bases[2];
+  allow_dependents();
+  wait_for_predecessor();  // the scores and hist0
   const IndexerArgs& a = p.a;
   const std::int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / a.tokens);
@@ -164,6 +166,19 @@ __device__ void finish_in_registers(std::uint64_t (&keys)[kFinishItems], bool (&
   }
 }
 
+/// The routed positions' pool slots (RoutingIndex::slots), once the row's positions are final:
+/// every layer's attention then reads K and V without a page-table lookup. Called by the whole CTA.
+__device__ void write_slots(const SelectParams& p, int b, int t, const std::int32_t* positions, int count) {
+  const IndexerArgs& a = p.a;
+  if (a.slots == nullptr) return;
+  __syncthreads();  // other threads of the CTA wrote the positions
+  std::int32_t* slots = a.slots + b * a.slots_stride_b + t * a.slots_stride_t;
+  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
+  for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) {
+    slots[i] = i < count ? static_cast<std::int32_t>(paged.pool_slot(positions[i])) : -1;
+  }
+}
+
 /// One CTA per row: forced positions, the radix levels after the first over the candidates,
 /// counts, padding, and the routed set rewritten in ascending order. Level 1 uses hist1 and one
 /// coalesced pass over the candidate keys; its threshold bin's members (usually a handful) are
@@ -173,6 +188,7 @@ __device__ void finish_in_registers(std::uint64_t (&keys)[kFinishItems], bool (&
 /// changes).
 __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) {
   __shared__ FinishShared sh;
+  wait_for_predecessor();  // the filter's positions, candidates, hist1 and counters
   const IndexerArgs& a = p.a;
   const std::int64_t row = blockIdx.x;
   const int b = static_cast<int>(row / a.tokens);
@@ -191,13 +207,17 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   }
   if (plan.visible <= a.top_k) {
     for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) positions[i] = i < plan.visible ? i : -1;
+    write_slots(p, b, t, positions, count);
     return;
   }
   for (int i = threadIdx.x; i < plan.sink_end; i += blockDim.x) positions[i] = i;
   for (int i = plan.window_begin + static_cast<int>(threadIdx.x); i < plan.visible; i += blockDim.x) {
     positions[plan.sink_end + (i - plan.window_begin)] = i;
   }
-  if (!plan.selects) return;  // sinks and window fill top_k: already in order
+  if (!plan.selects) {  // sinks and window fill top_k: already in order
+    write_slots(p, b, t, positions, count);
+    return;
+  }
 
   // Both histograms and the candidate count in one round trip.
   unsigned* hist0 = p.hist0 + row * kBins;
@@ -319,14 +339,16 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
       bits &= bits - 1;
     }
   }
+  write_slots(p, b, t, positions, count);
 }
 
 void launch_select(const SelectParams& p, int rows, std::int64_t max_length, cudaStream_t stream) {
-  filter_kernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(max_length, kFilterTile))),
-                  kFilterThreads, 0, stream>>>(p);
-  detail::cuda_check_launch("indexer filter_kernel");
-  finish_kernel<<<static_cast<unsigned>(rows), kFinishThreads, 0, stream>>>(p);
-  detail::cuda_check_launch("indexer finish_kernel");
+  // Both follow the score pass as programmatic dependents: their launch overlaps its tail.
+  launch_after(filter_kernel,
+               dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(max_length, kFilterTile))),
+               dim3(kFilterThreads), 0, stream, "indexer filter_kernel", p);
+  launch_after(finish_kernel, dim3(static_cast<unsigned>(rows)), dim3(kFinishThreads), 0, stream,
+               "indexer finish_kernel", p);
 }
 
 }  // namespace indexer

@@ -87,6 +87,8 @@ struct IndexerArgs {
   std::int64_t positions_stride_b, positions_stride_t;
   std::int32_t* counts;  // [B, T]
   std::int64_t counts_stride_b, counts_stride_t;
+  std::int32_t* slots;  // [B, T, top_k] or nullptr: the routed positions' pool slots
+  std::int64_t slots_stride_b, slots_stride_t;
   RunStatus* status;  // device view of the component's status
 };
 /// Enqueues the whole selection on `stream`; no allocation, no host synchronisation.
@@ -127,6 +129,8 @@ struct AttentionArgs {
   std::int64_t positions_stride_b, positions_stride_t;
   const std::int32_t* counts;  // [B, T]
   std::int64_t counts_stride_b, counts_stride_t;
+  const std::int32_t* slots;  // [B, T, top_k] or nullptr: pool slots of the positions (no page lookup)
+  std::int64_t slots_stride_b, slots_stride_t;
   int top_k;
   RunStatus* status;  // dense: sequences longer than the plan's span are reported and write zeros
 };

@@ -236,6 +236,9 @@ void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& 
   detail::check_tensor(fn, "routing.positions", routing.positions, DType::i32, s.device,
                        {sequences, tokens, routing.top_k});
   detail::check_tensor(fn, "routing.counts", routing.counts, DType::i32, s.device, {sequences, tokens});
+  if (routing.slots.defined()) {
+    detail::check_tensor(fn, "routing.slots", routing.slots, DType::i32, s.device, {sequences, tokens, routing.top_k});
+  }
   if (s.backend == Backend::cpu) check_routing_values(fn, batch, routing, tokens);
   s.prepare(fn, static_cast<int>(sequences), tokens, routing.top_k, false, stream);
   s.forward(batch, &routing, q, out, lse, stream);

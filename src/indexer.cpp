@@ -19,13 +19,14 @@ struct CrossLayerIndexer::State {
   Device device{};
   const detail::ComputeBackend* ops = nullptr;
   // One workspace holds everything: the RoutingIndex that select() returns (positions
-  // [B, T, top_k], counts [B, T]), then the backend's scratch. Bounds' span = max_length.
+  // [B, T, top_k], counts [B, T], slots [B, T, top_k]), then the backend's scratch. Bounds' span = max_length.
   detail::PlannedWorkspace planned;
   std::unique_ptr<detail::StatusReport> status;  // what kernels report after the fact (CUDA)
 
   struct Pieces {
     std::int32_t* positions;
     std::int32_t* counts;
+    std::int32_t* slots;
     void* scratch;  // the backend's
   };
   Pieces carve(detail::Carver& carver, const detail::Bounds& bounds, std::size_t scratch_bytes) const {
@@ -33,6 +34,7 @@ struct CrossLayerIndexer::State {
     Pieces pieces{};
     pieces.positions = carver.take<std::int32_t>(rows * static_cast<std::size_t>(config.top_k));
     pieces.counts = carver.take<std::int32_t>(rows);
+    pieces.slots = carver.take<std::int32_t>(rows * static_cast<std::size_t>(config.top_k));
     pieces.scratch = carver.take<unsigned char>(scratch_bytes);
     return pieces;
   }
@@ -196,16 +198,25 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   const detail::Bounds& bounds = planned.book.bounds();
   detail::Carver carver(planned.base);
   const Pieces pieces = carve(carver, bounds, planned.plan->workspace_bytes);
+  detail::SelectCall select_call;
+  select_call.batch = detail::batch_tables(batch);
+  // Pool slots are int32: a pool of more than 2^31 token slots gets no slots (forward() then looks
+  // the pages up).
+  const PagedCacheLayout& layout = select_call.batch.layout;
+  const bool slots_fit = layout.num_pages <= std::numeric_limits<std::int32_t>::max() / layout.page_size;
   RoutingIndex target;
   if (out == nullptr) {
     target.top_k = config.top_k;
     target.positions = TensorView(pieces.positions, DType::i32, {sequences, tokens, config.top_k}, device);
     target.counts = TensorView(pieces.counts, DType::i32, {sequences, tokens}, device);
+    if (slots_fit) target.slots = TensorView(pieces.slots, DType::i32, {sequences, tokens, config.top_k}, device);
     *returned = target;
     out = &target;
+  } else if (out->slots.defined() && !slots_fit) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": out.slots: a pool of ", layout.num_pages, " pages x ", layout.page_size,
+                                " tokens has slots beyond int32; pass an index without slots"));
   }
-  detail::SelectCall select_call;
-  select_call.batch = detail::batch_tables(batch);
   select_call.q_idx = q_idx;
   select_call.head_weights = head_weights;
   select_call.out = *out;
@@ -233,6 +244,9 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
   const std::int64_t sequences = batch.num_sequences();
   detail::check_tensor(fn, "out.positions", out.positions, DType::i32, s.device, {sequences, tokens, s.config.top_k});
   detail::check_tensor(fn, "out.counts", out.counts, DType::i32, s.device, {sequences, tokens});
+  if (out.slots.defined()) {
+    detail::check_tensor(fn, "out.slots", out.slots, DType::i32, s.device, {sequences, tokens, s.config.top_k});
+  }
   s.run(fn, batch, q_idx, head_weights, &out, nullptr, stream);
 }
 

@@ -71,8 +71,14 @@ AttentionRun run_attention(test::CacheFixture& fixture, const AttentionCase& c, 
                                            backend);
     clsa::CrossLayerIndexer indexer(indexer_config, backend);
     const clsa::RoutingIndex routing = indexer.select(batch, qi, w);
+    REQUIRE(routing.slots.defined());
     clsa::SparseCrossAttention attention(config, backend);
     attention.forward(batch, routing, q, out, {}, lse);
+    // The same routing without its pool slots (forward() then looks the pages up): the same bits.
+    const clsa::Tensor out_lookup =
+        test::on_device(test::make_host(poison, c.dtype, {sequences, c.tokens, c.q_heads, c.dim}), backend);
+    attention.forward(batch, clsa::RoutingIndex(routing.positions, routing.counts, routing.top_k), q, out_lookup);
+    REQUIRE(test::read_values(out_lookup) == test::read_values(out));
     const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
     const std::vector<std::int32_t> counts = test::read_ints(routing.counts);
     for (std::int64_t row = 0; row < rows; ++row) {

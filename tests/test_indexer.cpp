@@ -52,11 +52,21 @@ IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config,
   REQUIRE(routing.tokens() == tokens);
   const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
   const std::vector<std::int32_t> counts = test::read_ints(routing.counts);
+  REQUIRE(routing.slots.defined());
+  const std::vector<std::int32_t> slots = test::read_ints(routing.slots);
+  const int page_size = fixture.config.page_size;
   for (std::int64_t row = 0; row < sequences * tokens; ++row) {
     const std::int32_t count = counts[static_cast<std::size_t>(row)];
     REQUIRE(count >= 0);
     REQUIRE(count <= config.top_k);
     const auto first = positions.begin() + static_cast<std::ptrdiff_t>(row * config.top_k);
+    // Each routed position's pool slot: its page (through the sequence's page table) and offset.
+    const std::vector<std::int32_t> pages = fixture.cache.pages(fixture.ids[static_cast<std::size_t>(row / tokens)]);
+    for (std::int32_t i = 0; i < count; ++i) {
+      const std::int32_t position = *(first + i);
+      const std::size_t at = static_cast<std::size_t>(row * config.top_k + i);
+      REQUIRE(slots[at] == pages[static_cast<std::size_t>(position / page_size)] * page_size + position % page_size);
+    }
     std::vector<std::int32_t> routed(first, first + count);
     // Ascending, and unused slots hold -1.
     REQUIRE(std::is_sorted(routed.begin(), routed.end()));

@@ -25,10 +25,23 @@ struct IndexerConfig {
 /// The routed tokens of every query token of a batch: positions [B, T, top_k] (int32; row (b,t)
 /// holds counts[b,t] distinct positions in ascending order, then -1) and counts [B, T] (int32).
 /// Both on the indexer's device. The same inputs give the same index on every backend and run.
+///
+/// slots (optional, [B, T, top_k] int32 like positions): where each routed position lives in the
+/// cache pool, page * page_size + offset in the page, resolved through the batch's page table when
+/// select() ran. select() fills it (when the caller's `out` has it); SparseCrossAttention then reads
+/// K and V there without a page-table lookup per layer. It stays valid while the routed tokens
+/// keep their pages (appends never move a token; an engine that remaps the pages of a wrapped pool
+/// selects again). An index the caller builds may leave it undefined: forward() then looks the
+/// pages up itself. Entries past counts[b,t] are unspecified.
 struct RoutingIndex {
   TensorView positions;
   TensorView counts;
   int top_k = 0;
+  TensorView slots;
+
+  RoutingIndex() = default;
+  RoutingIndex(TensorView positions_, TensorView counts_, int top_k_, TensorView slots_ = {})
+      : positions(positions_), counts(counts_), top_k(top_k_), slots(slots_) {}
 
   bool defined() const { return positions.defined(); }
   int num_sequences() const { return static_cast<int>(positions.size(0)); }

@@ -47,6 +47,10 @@ struct PagedRows {
   CLSA_HOST_DEVICE std::int64_t slot(std::int64_t position) const {
     return position & ((std::int64_t{1} << page_shift) - 1);
   }
+  /// Where `position` lives in the pool: page * page_size + offset in the page (RoutingIndex::slots).
+  CLSA_HOST_DEVICE std::int64_t pool_slot(std::int64_t position) const {
+    return (page(position) << page_shift) + slot(position);
+  }
   CLSA_HOST_DEVICE std::int64_t k_offset(const PagedCacheLayout& l, std::int64_t position, int kv_head) const {
     return page(position) * l.k_page_stride + slot(position) * l.k_token_stride + kv_head * l.k_head_stride;
   }
