@@ -169,13 +169,15 @@ __device__ __forceinline__ void allow_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-/// Whether the current device runs programmatic dependent launches (compute capability >= 9.0).
-bool dependent_launch_supported();
-/// Launches `kernel` on `stream` as a programmatic dependent of the kernel before it (where the
-/// device supports it; otherwise an ordinary launch).
+/// Whether `kernel` can run as a programmatic dependent on the current device: compute capability
+/// >= 9.0 and code built for sm_90 or later (a kernel JIT-compiled from older PTX has no
+/// griddepcontrol instructions, so it must not be launched early). Asked when a plan is made.
+bool dependent_launch_ready(const void* kernel);
+/// Launches `kernel` on `stream`, as a programmatic dependent of the kernel before it when
+/// `dependent` (from dependent_launch_ready), else as an ordinary launch.
 template <class... Params, class... Args>
-void launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
-                  const char* what, Args&&... args) {
+void launch_after(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared,
+                  cudaStream_t stream, const char* what, Args&&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
@@ -184,7 +186,7 @@ void launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t 
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (dependent_launch_supported()) {
+  if (dependent) {
     config.attrs = &attribute;
     config.numAttrs = 1;
   }

@@ -29,16 +29,14 @@ int multiprocessor_count() {
   return value;
 }
 
-bool dependent_launch_supported() {
-  static std::atomic<int> majors[kMaxCachedDevices] = {};
-  const int device = current_device();
-  int major = device < kMaxCachedDevices ? majors[device].load(std::memory_order_relaxed) : 0;
-  if (major == 0) {
-    detail::cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-                       "cudaDeviceGetAttribute (compute capability)");
-    if (device < kMaxCachedDevices) majors[device].store(major, std::memory_order_relaxed);
-  }
-  return major >= 9;
+bool dependent_launch_ready(const void* kernel) {
+  int major = 0;
+  detail::cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device()),
+                     "cudaDeviceGetAttribute (compute capability)");
+  if (major < 9) return false;
+  cudaFuncAttributes attributes{};
+  detail::cuda_check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+  return attributes.ptxVersion >= 90;
 }
 
 void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what) {

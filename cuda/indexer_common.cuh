@@ -159,8 +159,11 @@ __device__ int threshold_bin(const unsigned* histogram, int needed, int* above, 
 // ---------------------------------------------------------------- score pass
 
 /// Launches the selection passes (filter_kernel, finish_kernel) of one select() over `rows`
-/// query rows and sequences of up to `max_length` positions.
-void launch_select(const SelectParams& p, int rows, std::int64_t max_length, cudaStream_t stream);
+/// query rows and sequences of up to `max_length` positions; as programmatic dependents of the
+/// kernel before each when `dependent`.
+void launch_select(const SelectParams& p, int rows, std::int64_t max_length, bool dependent, cudaStream_t stream);
+/// Whether both selection kernels can run as programmatic dependents on the current device.
+bool select_dependent_launch_ready();
 
 }  // namespace indexer
 }  // namespace cuda_kernels

@@ -331,6 +331,7 @@ IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_len
   const Workspace w(static_cast<int>(rows), max_length);
   plan.stride = w.stride;
   plan.bytes = w.end;
+  plan.dependent_launch = select_dependent_launch_ready();
   for (const ScoreVariant& v : kScoreVariants) {
     if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
     const std::size_t row_bytes = query_row_bytes(v.dtype, heads, dim);
@@ -371,7 +372,7 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
                   static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
   kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
   detail::cuda_check_launch("indexer score_kernel");
-  launch_select(p, rows, plan.max_length, stream);
+  launch_select(p, rows, plan.max_length, plan.dependent_launch, stream);
 }
 
 }  // namespace cuda_kernels

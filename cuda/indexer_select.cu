@@ -342,13 +342,18 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
   write_slots(p, b, t, positions, count);
 }
 
-void launch_select(const SelectParams& p, int rows, std::int64_t max_length, cudaStream_t stream) {
+void launch_select(const SelectParams& p, int rows, std::int64_t max_length, bool dependent, cudaStream_t stream) {
   // Both follow the score pass as programmatic dependents: their launch overlaps its tail.
-  launch_after(filter_kernel,
+  launch_after(dependent, filter_kernel,
                dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(max_length, kFilterTile))),
                dim3(kFilterThreads), 0, stream, "indexer filter_kernel", p);
-  launch_after(finish_kernel, dim3(static_cast<unsigned>(rows)), dim3(kFinishThreads), 0, stream,
+  launch_after(dependent, finish_kernel, dim3(static_cast<unsigned>(rows)), dim3(kFinishThreads), 0, stream,
                "indexer finish_kernel", p);
+}
+
+bool select_dependent_launch_ready() {
+  return dependent_launch_ready(reinterpret_cast<const void*>(filter_kernel)) &&
+         dependent_launch_ready(reinterpret_cast<const void*>(finish_kernel));
 }
 
 }  // namespace indexer

@@ -57,9 +57,10 @@ void append_tokens(const AppendArgs& args, cudaStream_t stream);
 /// The indexer's plan: its bounds and the workspace layout (the same for every key dtype).
 struct IndexerPlan {
   int max_sequences = 0, max_tokens = 0;
-  std::int64_t max_length = 0;  // the longest sequence a call may hold
-  std::int64_t stride = 0;      // positions per scores / candidates row
-  std::size_t bytes = 0;        // workspace bytes
+  std::int64_t max_length = 0;    // the longest sequence a call may hold
+  std::int64_t stride = 0;        // positions per scores / candidates row
+  std::size_t bytes = 0;          // workspace bytes
+  bool dependent_launch = false;  // the select kernels launch as programmatic dependents (sm_90)
 };
 /// Throws Error(capacity_exceeded) for bounds whose grids would not fit the launch limits. Sets
 /// the score kernels' shared-memory limits on the current device.

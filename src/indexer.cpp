@@ -13,6 +13,13 @@
 
 namespace clsa {
 
+namespace {
+/// Whether every pool slot (page * page_size + offset) of the layout fits RoutingIndex::slots.
+bool slots_fit_int32(const PagedCacheLayout& layout) {
+  return layout.num_pages <= std::numeric_limits<std::int32_t>::max() / std::max(layout.page_size, 1);
+}
+}  // namespace
+
 struct CrossLayerIndexer::State {
   IndexerConfig config;
   Backend backend = Backend::cpu;
@@ -202,8 +209,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   select_call.batch = detail::batch_tables(batch);
   // Pool slots are int32: a pool of more than 2^31 token slots gets no slots (forward() then looks
   // the pages up).
-  const PagedCacheLayout& layout = select_call.batch.layout;
-  const bool slots_fit = layout.num_pages <= std::numeric_limits<std::int32_t>::max() / layout.page_size;
+  const bool slots_fit = slots_fit_int32(select_call.batch.layout);
   RoutingIndex target;
   if (out == nullptr) {
     target.top_k = config.top_k;
@@ -212,10 +218,6 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
     if (slots_fit) target.slots = TensorView(pieces.slots, DType::i32, {sequences, tokens, config.top_k}, device);
     *returned = target;
     out = &target;
-  } else if (out->slots.defined() && !slots_fit) {
-    detail::fail(ErrorCode::invalid_argument,
-                 detail::concat(fn, ": out.slots: a pool of ", layout.num_pages, " pages x ", layout.page_size,
-                                " tokens has slots beyond int32; pass an index without slots"));
   }
   select_call.q_idx = q_idx;
   select_call.head_weights = head_weights;
@@ -246,6 +248,13 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
   detail::check_tensor(fn, "out.counts", out.counts, DType::i32, s.device, {sequences, tokens});
   if (out.slots.defined()) {
     detail::check_tensor(fn, "out.slots", out.slots, DType::i32, s.device, {sequences, tokens, s.config.top_k});
+    const PagedCacheLayout& layout = batch.layout();
+    if (!slots_fit_int32(layout)) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": out.slots [", sequences, ", ", tokens, ", ", s.config.top_k, "]: a pool of ",
+                                  layout.num_pages, " pages x ", layout.page_size,
+                                  " tokens has slots beyond int32; pass an index without slots"));
+    }
   }
   s.run(fn, batch, q_idx, head_weights, &out, nullptr, stream);
 }

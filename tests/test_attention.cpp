@@ -77,7 +77,7 @@ AttentionRun run_attention(test::CacheFixture& fixture, const AttentionCase& c, 
     // The same routing without its pool slots (forward() then looks the pages up): the same bits.
     const clsa::Tensor out_lookup =
         test::on_device(test::make_host(poison, c.dtype, {sequences, c.tokens, c.q_heads, c.dim}), backend);
-    attention.forward(batch, clsa::RoutingIndex(routing.positions, routing.counts, routing.top_k), q, out_lookup);
+    attention.forward(batch, clsa::RoutingIndex{routing.positions, routing.counts, routing.top_k}, q, out_lookup);
     REQUIRE(test::read_values(out_lookup) == test::read_values(out));
     const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
     const std::vector<std::int32_t> counts = test::read_ints(routing.counts);

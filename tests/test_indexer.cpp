@@ -67,6 +67,8 @@ IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config,
       const std::size_t at = static_cast<std::size_t>(row * config.top_k + i);
       REQUIRE(slots[at] == pages[static_cast<std::size_t>(position / page_size)] * page_size + position % page_size);
     }
+    for (std::int32_t i = count; i < config.top_k; ++i)
+      REQUIRE(slots[static_cast<std::size_t>(row * config.top_k + i)] == -1);
     std::vector<std::int32_t> routed(first, first + count);
     // Ascending, and unused slots hold -1.
     REQUIRE(std::is_sorted(routed.begin(), routed.end()));
@@ -384,4 +386,57 @@ TEST_CASE("CUDA and CPU indexers route the same set", "[indexer][cuda]") {
       }
     }
   }
+}
+
+CLSA_BACKEND_TEST(indexer_into_caller_tensors,
+                  "select into caller tensors, with and without slots, equals the returned index", "[indexer]") {
+  test::Rng rng(test::base_seed() + 14);
+  IndexerConfig config;
+  config.num_heads = 4;
+  config.index_dim = 64;
+  config.top_k = 48;
+  config.sink_tokens = 2;
+  config.local_window = 8;
+  const std::vector<std::int64_t> lengths = {700, 30, 1200};
+  const int tokens = 2;
+  clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 16);
+  cache.max_pages = test::pages_for(lengths, cache.page_size);
+  test::CacheFixture fixture(cache, backend, lengths, rng);
+  const std::int64_t sequences = static_cast<std::int64_t>(lengths.size());
+  std::vector<double> q(static_cast<std::size_t>(sequences * tokens * config.num_heads * config.index_dim));
+  for (double& x : q) x = rng.normal();
+  std::vector<double> w(static_cast<std::size_t>(sequences * tokens * config.num_heads));
+  for (double& x : w) x = rng.uniform(0.1, 2.0);
+  const clsa::Tensor q_t = test::on_device(
+      test::make_host(q, DType::bf16, {sequences, tokens, config.num_heads, config.index_dim}), backend);
+  const clsa::Tensor w_t =
+      test::on_device(test::make_host(w, DType::f32, {sequences, tokens, config.num_heads}), backend);
+  const clsa::CacheBatch batch = fixture.batch();
+  clsa::CrossLayerIndexer indexer(config, backend);
+  const clsa::RoutingIndex returned = indexer.select(batch, q_t, w_t);
+  const std::vector<std::int32_t> positions = test::read_ints(returned.positions);
+  const std::vector<std::int32_t> counts = test::read_ints(returned.counts);
+  const std::vector<std::int32_t> slots = test::read_ints(returned.slots);
+
+  const clsa::Device device = test::device_of(backend);
+  const clsa::Tensor out_positions = clsa::Tensor::empty({sequences, tokens, config.top_k}, DType::i32, device);
+  const clsa::Tensor out_counts = clsa::Tensor::empty({sequences, tokens}, DType::i32, device);
+  const clsa::Tensor out_slots = clsa::Tensor::empty({sequences, tokens, config.top_k}, DType::i32, device);
+  indexer.select(batch, q_t, w_t,
+                 clsa::RoutingIndex{out_positions.view(), out_counts.view(), config.top_k, out_slots.view()});
+  CHECK(test::read_ints(out_positions.view()) == positions);
+  CHECK(test::read_ints(out_counts.view()) == counts);
+  CHECK(test::read_ints(out_slots.view()) == slots);
+  // Without slots: the same positions and counts; the caller's index has no slots to fill.
+  const clsa::Tensor other_positions = clsa::Tensor::empty({sequences, tokens, config.top_k}, DType::i32, device);
+  const clsa::Tensor other_counts = clsa::Tensor::empty({sequences, tokens}, DType::i32, device);
+  indexer.select(batch, q_t, w_t, clsa::RoutingIndex{other_positions.view(), other_counts.view(), config.top_k});
+  CHECK(test::read_ints(other_positions.view()) == positions);
+  CHECK(test::read_ints(other_counts.view()) == counts);
+  // Slots of the wrong shape are refused, naming the argument.
+  const clsa::Tensor short_slots = clsa::Tensor::empty({sequences, tokens, config.top_k - 1}, DType::i32, device);
+  CLSA_REQUIRE_ERROR(
+      indexer.select(batch, q_t, w_t,
+                     clsa::RoutingIndex{out_positions.view(), out_counts.view(), config.top_k, short_slots.view()}),
+      clsa::ErrorCode::shape_mismatch, "out.slots");
 }

@@ -37,11 +37,7 @@ struct RoutingIndex {
   TensorView positions;
   TensorView counts;
   int top_k = 0;
-  TensorView slots;
-
-  RoutingIndex() = default;
-  RoutingIndex(TensorView positions_, TensorView counts_, int top_k_, TensorView slots_ = {})
-      : positions(positions_), counts(counts_), top_k(top_k_), slots(slots_) {}
+  TensorView slots{};  // last, so that RoutingIndex{positions, counts, top_k} leaves it undefined
 
   bool defined() const { return positions.defined(); }
   int num_sequences() const { return static_cast<int>(positions.size(0)); }
@@ -97,7 +93,9 @@ class CrossLayerIndexer {
   /// (an empty batch slot) routes nothing: counts 0, positions -1.
   RoutingIndex select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
                       Stream stream = {});
-  /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T]).
+  /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T], and
+  /// slots int32 [B, T, top_k] when out.slots is defined; a pool of more than 2^31 token slots
+  /// refuses out.slots with Error(invalid_argument)).
   void select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights, const RoutingIndex& out,
               Stream stream = {});
 
