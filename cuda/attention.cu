@@ -633,8 +633,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
     // The accumulator columns are heads 2q and 2q+1: their corrections come from rows g = 2q, 2q+1.
     const float correction_even = __shfl_sync(kFullMask, correction, 8 * q);
     const float correction_odd = __shfl_sync(kFullMask, correction, 8 * q + 4);
-    const unsigned p_low = pack_pair<Elem>(probability[0], probability[1]);
-    const unsigned p_high = pack_pair<Elem>(probability[2], probability[3]);
+    // P as 16-bit head + tail (two products): the weights keep ~16 mantissa bits, so the result
+    // stays as close to f32 softmax as the CUDA-core kernel's.
+    unsigned p_head[2], p_tail[2];
+    split_pair<Elem>(probability[0], probability[1], p_head[0], p_tail[0]);
+    split_pair<Elem>(probability[2], probability[3], p_head[1], p_tail[1]);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       acc[mt][0] *= correction_even;
@@ -648,7 +651,8 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
       const unsigned frag[4] = {
           __byte_perm(w0[mt % 4], w1[mt % 4], 0x5410), __byte_perm(w0[mt % 4], w1[mt % 4], 0x7632),
           __byte_perm(w2[mt % 4], w3[mt % 4], 0x5410), __byte_perm(w2[mt % 4], w3[mt % 4], 0x7632)};
-      mma_16816<Elem>(acc[mt], frag, p_low, p_high);
+      mma_16816<Elem>(acc[mt], frag, p_head[0], p_head[1]);
+      mma_16816<Elem>(acc[mt], frag, p_tail[0], p_tail[1]);
     }
   }
 

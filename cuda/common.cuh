@@ -128,6 +128,21 @@ __device__ __forceinline__ unsigned pack_pair<__half>(float low, float high) {
   return *reinterpret_cast<const unsigned*>(&pair);
 }
 
+/// `low` and `high` as a rounded 16-bit pair `head` plus the rounded remainder `tail`: two
+/// tensor-core products with head and tail carry the f32 values to about 16 mantissa bits (the
+/// attention's softmax weights, which one 16-bit rounding would perturb by up to 2^-9).
+template <class Elem>
+__device__ __forceinline__ void split_pair(float low, float high, unsigned& head, unsigned& tail) {
+  head = pack_pair<Elem>(low, high);
+  float2 rounded;
+  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+    rounded = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&head));
+  } else {
+    rounded = __half22float2(*reinterpret_cast<const __half2*>(&head));
+  }
+  tail = pack_pair<Elem>(low - rounded.x, high - rounded.y);
+}
+
 /// Streaming 16-byte load through the read-only path (the cache is read once per call).
 __device__ __forceinline__ uint4 load_vector(const void* address) {
   return __ldg(reinterpret_cast<const uint4*>(address));

@@ -318,6 +318,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--steps", steps, "decoding steps")->check(CLI::Range(1, 100000))->capture_default_str();
   app.add_option("--seed", seed, "random seed")->capture_default_str();
+  int unavailable_exit_code = 1;
+  app.add_option("--unavailable-exit-code", unavailable_exit_code,
+                 "exit status when the backend is not available here (a test runner's skip code)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     const std::map<std::string, clsa::Backend> backends = {
@@ -595,6 +599,9 @@ int main(int argc, char** argv) {
         "worst error (sparse vs dense, and vs the engine's own record) %.2e over %d steps; %d failed checks: %s\n",
         static_cast<double>(worst), steps, failures, ok ? "OK" : "MISMATCH");
     return ok ? 0 : 1;
+  } catch (const clsa::Error& error) {
+    std::fprintf(stderr, "embed_engine: %s\n", error.what());
+    return error.code() == clsa::ErrorCode::unsupported ? unavailable_exit_code : 1;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "embed_engine: %s\n", error.what());
     return 1;
