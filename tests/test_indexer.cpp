@@ -26,28 +26,46 @@ struct IndexerRun {
 
 enum class QueryValues { gaussian, small_integers };
 
-IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config, int tokens, test::Rng& rng,
-                       QueryValues values, clsa::Backend backend, DType weights_dtype = DType::f32) {
+/// Random query-side inputs of one select(): q_idx [B, T, H, Didx] of the cache's dtype and head
+/// weights [B, T, H], as host values (rounded as stored) and as tensors on the backend's device.
+struct IndexerInputs {
+  std::vector<double> q, w;
+  clsa::Tensor q_tensor, w_tensor;
+};
+
+IndexerInputs make_inputs(const test::CacheFixture& fixture, const IndexerConfig& config, int tokens, test::Rng& rng,
+                          QueryValues values, clsa::Backend backend, DType weights_dtype = DType::f32) {
   const std::int64_t sequences = static_cast<std::int64_t>(fixture.ids.size());
-  IndexerRun run;
-  run.tokens = tokens;
-  run.q.resize(static_cast<std::size_t>(sequences * tokens * config.num_heads * config.index_dim));
-  run.w.resize(static_cast<std::size_t>(sequences * tokens * config.num_heads));
-  for (double& x : run.q) {
+  IndexerInputs inputs;
+  inputs.q.resize(static_cast<std::size_t>(sequences * tokens * config.num_heads * config.index_dim));
+  inputs.w.resize(static_cast<std::size_t>(sequences * tokens * config.num_heads));
+  for (double& x : inputs.q) {
     x = values == QueryValues::gaussian ? rng.normal() : rng.uniform(-3, 3);
     x = test::round_to(fixture.config.dtype, x);
   }
-  for (double& x : run.w) {
+  for (double& x : inputs.w) {
     x = values == QueryValues::gaussian ? rng.normal() : rng.uniform(-2, 3);
     x = test::round_to(weights_dtype, x);
   }
-  const clsa::Tensor q = test::on_device(
-      test::make_host(run.q, fixture.config.dtype, {sequences, tokens, config.num_heads, config.index_dim}), backend);
-  const clsa::Tensor w =
-      test::on_device(test::make_host(run.w, weights_dtype, {sequences, tokens, config.num_heads}), backend);
+  inputs.q_tensor = test::on_device(
+      test::make_host(inputs.q, fixture.config.dtype, {sequences, tokens, config.num_heads, config.index_dim}),
+      backend);
+  inputs.w_tensor =
+      test::on_device(test::make_host(inputs.w, weights_dtype, {sequences, tokens, config.num_heads}), backend);
+  return inputs;
+}
+
+IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config, int tokens, test::Rng& rng,
+                       QueryValues values, clsa::Backend backend, DType weights_dtype = DType::f32) {
+  const std::int64_t sequences = static_cast<std::int64_t>(fixture.ids.size());
+  IndexerInputs inputs = make_inputs(fixture, config, tokens, rng, values, backend, weights_dtype);
+  IndexerRun run;
+  run.tokens = tokens;
+  run.q = std::move(inputs.q);
+  run.w = std::move(inputs.w);
   clsa::CrossLayerIndexer indexer(config, backend);
   const clsa::CacheBatch batch = fixture.batch();
-  const clsa::RoutingIndex routing = indexer.select(batch, q, w);
+  const clsa::RoutingIndex routing = indexer.select(batch, inputs.q_tensor, inputs.w_tensor);
   REQUIRE(routing.num_sequences() == sequences);
   REQUIRE(routing.tokens() == tokens);
   const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
@@ -403,14 +421,9 @@ CLSA_BACKEND_TEST(indexer_into_caller_tensors,
   cache.max_pages = test::pages_for(lengths, cache.page_size);
   test::CacheFixture fixture(cache, backend, lengths, rng);
   const std::int64_t sequences = static_cast<std::int64_t>(lengths.size());
-  std::vector<double> q(static_cast<std::size_t>(sequences * tokens * config.num_heads * config.index_dim));
-  for (double& x : q) x = rng.normal();
-  std::vector<double> w(static_cast<std::size_t>(sequences * tokens * config.num_heads));
-  for (double& x : w) x = rng.uniform(0.1, 2.0);
-  const clsa::Tensor q_t = test::on_device(
-      test::make_host(q, DType::bf16, {sequences, tokens, config.num_heads, config.index_dim}), backend);
-  const clsa::Tensor w_t =
-      test::on_device(test::make_host(w, DType::f32, {sequences, tokens, config.num_heads}), backend);
+  const IndexerInputs inputs = make_inputs(fixture, config, tokens, rng, QueryValues::gaussian, backend);
+  const clsa::Tensor& q_t = inputs.q_tensor;
+  const clsa::Tensor& w_t = inputs.w_tensor;
   const clsa::CacheBatch batch = fixture.batch();
   clsa::CrossLayerIndexer indexer(config, backend);
   const clsa::RoutingIndex returned = indexer.select(batch, q_t, w_t);
