@@ -519,8 +519,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
 ///     probabilities (tokens 2q, 2q+1, 8+2q, 9+2q of the step, head g); V^T's rows are permuted so
 ///     that m-tile mt's rows g and g+8 are dims E*g + 2mt and E*g + 2mt + 1 (E = D / 8): the lane
 ///     loads dims [E*g, E*g + E) of its four tokens (16-byte loads) and pairs their halves.
-template <class Elem, int D>
-__global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
+///
+/// With kBlock the K and V rows come from the routed block that select() gathered (a.kv: per query
+/// row and kv head, top_k rows of K, then of V, contiguous): no positions, no page tables. The
+/// first step's loads are issued before the routed count arrives (every row below top_k exists in
+/// the block; rows past the count are masked), so the count and the K/V take one round trip.
+template <class Elem, int D, bool kBlock>
+__global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p) {
   static_assert(D == 64 || D == 128, "the tensor-core kernel takes head_dim 64 or 128");
   constexpr int kKVectors = D / 32;         // 16-byte K loads per lane and token (and Q)
   constexpr int kDimsPerRow = D / 8;        // E: output dims per lane row g
@@ -561,12 +566,31 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
       q_words[v][3] = raw.w;
     }
   }
-  const SplitWork work = split_rows<kMmaThreads>(p, rows);
+  SplitWork work;
+  int in_memory;  // rows of the split that exist (block: the loop's bound before the count is known)
+  const Elem* k_base;
+  const Elem* v_base;
+  if constexpr (kBlock) {
+    work.b = static_cast<int>(blockIdx.x) / a.tokens;
+    work.t = static_cast<int>(blockIdx.x) % a.tokens;
+    const int begin = static_cast<int>(blockIdx.z) * plan.chunk;
+    in_memory = min(plan.chunk, a.top_k - begin);
+    const std::size_t head_rows = static_cast<std::size_t>(a.top_k) * D;  // elements per (row, K|V, kv head)
+    const Elem* block = static_cast<const Elem*>(a.kv) +
+                        (static_cast<std::size_t>(blockIdx.x) * 2 * a.kv_heads + kv_head) * head_rows +
+                        static_cast<std::size_t>(begin) * D;
+    k_base = block + q * 8;
+    v_base = block + static_cast<std::size_t>(a.kv_heads) * head_rows + g * kDimsPerRow;
+    const int count = min(max(a.counts[work.b * a.counts_stride_b + work.t * a.counts_stride_t], 0), a.top_k);
+    work.n = max(0, min(count, begin + plan.chunk) - begin);
+  } else {
+    work = split_rows<kMmaThreads>(p, rows);
+    in_memory = work.n;
+    __syncthreads();
+    k_base = static_cast<const Elem*>(a.layout.k) + kv_head * a.layout.k_head_stride + q * 8;
+    v_base = static_cast<const Elem*>(a.layout.v) + kv_head * a.layout.v_head_stride + g * kDimsPerRow;
+  }
   const int n = work.n;
-  __syncthreads();
-
-  const Elem* k_base = static_cast<const Elem*>(a.layout.k) + kv_head * a.layout.k_head_stride + q * 8;
-  const Elem* v_base = static_cast<const Elem*>(a.layout.v) + kv_head * a.layout.v_head_stride + g * kDimsPerRow;
   const float logit_scale = a.scale * kLog2e;  // logits in log2 units: exp2f below
   float acc[kMTiles][4];
 #pragma unroll
@@ -574,35 +598,60 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
   float running_max = -INFINITY;  // head g, log2 units
   float running_sum = 0.0f;       // head g, this lane's tokens
   // Warp-uniform loop (the shuffles and the mma need the whole warp).
-  for (int base = warp * 16; base < n; base += 16 * kMmaWarps) {
+  for (int base = warp * 16; base < in_memory; base += 16 * kMmaWarps) {
     // Every K and V load of the step at once: K rows of tokens g, 8 + g; V rows of 2q, 2q+1, 8+2q, 9+2q.
-    int2 k_where[2], v_where[4];
+    // Rows that are not loaded (skipped or past the split) read as zeros and form no address.
+    bool k_loaded[2], v_loaded[4], v_routed[4];
+    std::int64_t k_offset[2], v_offset[4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) k_where[j] = base + 8 * j + g < n ? rows[base + 8 * j + g] : make_int2(-1, 0);
+    for (int j = 0; j < 2; ++j) {
+      const int index = base + 8 * j + g;
+      if constexpr (kBlock) {
+        k_loaded[j] = index < in_memory;
+        k_offset[j] = static_cast<std::int64_t>(index) * D;
+      } else {
+        const int2 where = index < n ? rows[index] : make_int2(-1, 0);
+        k_loaded[j] = where.x >= 0;
+        k_offset[j] = k_loaded[j] ? where.x * a.layout.k_page_stride + where.y * a.layout.k_token_stride : 0;
+      }
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int index = base + (j >> 1) * 8 + 2 * q + (j & 1);
-      v_where[j] = index < n ? rows[index] : make_int2(-1, 0);
+      if constexpr (kBlock) {
+        v_loaded[j] = index < in_memory;
+        v_routed[j] = index < n;
+        v_offset[j] = static_cast<std::int64_t>(index) * D;
+      } else {
+        const int2 where = index < n ? rows[index] : make_int2(-1, 0);
+        v_loaded[j] = v_routed[j] = where.x >= 0;
+        v_offset[j] = v_loaded[j] ? where.x * a.layout.v_page_stride + where.y * a.layout.v_token_stride : 0;
+      }
     }
     uint4 k_raw[2][kKVectors], v_raw[4][kVVectors];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      // Skipped rows (page -1) load zeros and form no address.
-      const std::int64_t offset =
-          k_where[j].x >= 0 ? k_where[j].x * a.layout.k_page_stride + k_where[j].y * a.layout.k_token_stride : 0;
 #pragma unroll
       for (int v = 0; v < kKVectors; ++v)
-        k_raw[j][v] = k_where[j].x >= 0 ? load_vector(k_base + offset + v * 32) : make_uint4(0, 0, 0, 0);
+        k_raw[j][v] = k_loaded[j] ? load_vector(k_base + k_offset[j] + v * 32) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const std::int64_t offset =
-          v_where[j].x >= 0 ? v_where[j].x * a.layout.v_page_stride + v_where[j].y * a.layout.v_token_stride : 0;
 #pragma unroll
       for (int u = 0; u < kVVectors; ++u)
-        v_raw[j][u] = v_where[j].x >= 0 ? load_vector(v_base + offset + u * 8) : make_uint4(0, 0, 0, 0);
+        v_raw[j][u] = v_loaded[j] ? load_vector(v_base + v_offset[j] + u * 8) : make_uint4(0, 0, 0, 0);
     }
 
+    if constexpr (kBlock) {
+      // Rows past the count were loaded ahead of it: whatever they hold must not reach P.V.
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int u = 0; u < kVVectors; ++u) {
+          if (!v_routed[j]) v_raw[j][u] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
     // S = Q.K^T for the two n-tiles; this lane: head g, tokens 2q, 2q+1 of each.
     float s[2][4];
 #pragma unroll
@@ -619,7 +668,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
     // Online softmax of head g over the step (the tokens of v_where, in the same order).
     float logit[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) logit[j] = v_where[j].x >= 0 ? s[j >> 1][j & 1] * logit_scale : -INFINITY;
+    for (int j = 0; j < 4; ++j) logit[j] = v_routed[j] ? s[j >> 1][j & 1] * logit_scale : -INFINITY;
     float step_max = fmaxf(fmaxf(logit[0], logit[1]), fmaxf(logit[2], logit[3]));
     step_max = fmaxf(step_max, __shfl_xor_sync(kFullMask, step_max, 1));
     step_max = fmaxf(step_max, __shfl_xor_sync(kFullMask, step_max, 2));
@@ -654,6 +703,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_kernel_mma(Params p) {
       mma_16816<Elem>(acc[mt], frag, p_head[0], p_head[1]);
       mma_16816<Elem>(acc[mt], frag, p_tail[0], p_tail[1]);
     }
+    if (base + 16 * kMmaWarps >= n) break;  // block: the first step ran ahead of the count
   }
 
   // Each warp's (acc, max, sum) to shared memory; max in natural-log units like the other kernel.
@@ -686,22 +736,28 @@ struct Variant {
   int padded;
   void (*kernel)(Params);
   int threads;
-  int groups_per_cta;  // warps or lane groups whose partial results the CTA combines
+  int groups_per_cta;            // warps or lane groups whose partial results the CTA combines
+  void (*block_kernel)(Params);  // the kernel that reads a routed K/V block, or nullptr (reads the pool)
 };
 
 template <class Elem, int D>
 void add_cuda_core_variants(std::vector<Variant>& variants, DType dtype) {
-  variants.push_back({dtype, D, 1, attention_kernel<Elem, D, 1>, kThreads, kWarps * Shape<Elem, D, 1>::kGroups});
-  variants.push_back({dtype, D, 2, attention_kernel<Elem, D, 2>, kThreads, kWarps * Shape<Elem, D, 2>::kGroups});
-  variants.push_back({dtype, D, 4, attention_kernel<Elem, D, 4>, kThreads, kWarps * Shape<Elem, D, 4>::kGroups});
-  variants.push_back({dtype, D, 8, attention_kernel<Elem, D, 8>, kThreads, kWarps * Shape<Elem, D, 8>::kGroups});
+  variants.push_back(
+      {dtype, D, 1, attention_kernel<Elem, D, 1>, kThreads, kWarps * Shape<Elem, D, 1>::kGroups, nullptr});
+  variants.push_back(
+      {dtype, D, 2, attention_kernel<Elem, D, 2>, kThreads, kWarps * Shape<Elem, D, 2>::kGroups, nullptr});
+  variants.push_back(
+      {dtype, D, 4, attention_kernel<Elem, D, 4>, kThreads, kWarps * Shape<Elem, D, 4>::kGroups, nullptr});
+  variants.push_back(
+      {dtype, D, 8, attention_kernel<Elem, D, 8>, kThreads, kWarps * Shape<Elem, D, 8>::kGroups, nullptr});
 }
 
 /// One tensor-core kernel serves every chunk width (its heads are a run-time count).
 template <class Elem, int D>
 void add_tensor_core_variants(std::vector<Variant>& variants, DType dtype) {
   for (int padded = 1; padded <= kMaxGroup; padded *= 2) {
-    variants.push_back({dtype, D, padded, attention_kernel_mma<Elem, D>, kMmaThreads, kMmaWarps});
+    variants.push_back({dtype, D, padded, attention_kernel_mma<Elem, D, false>, kMmaThreads, kMmaWarps,
+                        attention_kernel_mma<Elem, D, true>});
   }
 }
 
@@ -785,6 +841,9 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
       }
     }
     allow_shared_memory(kernel, shared, "cudaFuncSetAttribute (attention)");
+    if (v.block_kernel != nullptr) {
+      allow_shared_memory(reinterpret_cast<const void*>(v.block_kernel), shared, "cudaFuncSetAttribute (attention)");
+    }
   }
   partials *= static_cast<std::size_t>(q_heads);
   const std::size_t tickets = static_cast<std::size_t>(max_rows) * kv_heads * static_cast<std::size_t>(head_chunks);
@@ -811,7 +870,16 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const SplitPlan& splits = params.plan;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
                   static_cast<unsigned>(splits.splits));
-  v.kernel<<<grid, v.threads, shared_bytes(splits, v.dim, v.groups_per_cta), stream>>>(params);
+  const std::size_t shared = shared_bytes(splits, v.dim, v.groups_per_cta);
+  if (args.kv != nullptr && args.positions != nullptr && v.block_kernel != nullptr) {
+    const std::size_t block_bytes =
+        static_cast<std::size_t>(rows) * 2 * args.kv_heads * args.top_k * args.dim * dtype_size(args.layout.dtype);
+    launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
+                  LaunchAttributes{}.persisting(args.kv, block_bytes, args.kv_l2_hit_ratio), "attention_kernel (block)",
+                  params);
+    return;
+  }
+  v.kernel<<<grid, v.threads, shared, stream>>>(params);
   detail::cuda_check_launch("attention_kernel");
 }
 

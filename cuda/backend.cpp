@@ -289,8 +289,22 @@ class CudaBackend final : public ComputeBackend {
       args.slots_stride_b = call.out.slots.stride(0);
       args.slots_stride_t = call.out.slots.stride(1);
     }
+    if (call.out.kv.defined()) {
+      args.kv = call.out.kv.data();
+      args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(static_cast<std::size_t>(call.out.kv.numel()) *
+                                                               dtype_size(call.out.kv.dtype()));
+    }
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
+  }
+  std::string routed_kv_unsupported(DType dtype, int head_dim) const override {
+    if (cuda_kernels::routed_kv_supported(dtype, head_dim)) return {};
+    return concat("routed K/V rows of head_dim ", head_dim, " x ", dtype_name(dtype),
+                  " (the CUDA gather copies rows of 128 to 1024 bytes in 16-byte vectors)");
+  }
+  std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes) const override {
+    const ScopedDevice scope(device);
+    return cuda_kernels::keep_routed_kv_in_l2(bytes);
   }
 
   std::string attention_unsupported(const AttentionConfig& config) const override {
@@ -339,6 +353,11 @@ class CudaBackend final : public ComputeBackend {
         args.slots = routing.slots.data_as<const std::int32_t>();
         args.slots_stride_b = routing.slots.stride(0);
         args.slots_stride_t = routing.slots.stride(1);
+      }
+      if (routing.kv.defined()) {
+        args.kv = routing.kv.data();
+        args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(static_cast<std::size_t>(routing.kv.numel()) *
+                                                                 dtype_size(routing.kv.dtype()));
       }
     }
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());

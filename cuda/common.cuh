@@ -165,6 +165,9 @@ int multiprocessor_count();
 /// each other. Called when a plan is made, never in a call's hot path.
 void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what);
 
+/// The largest L2 access-policy window of the current device, in bytes (cached per device).
+std::size_t max_access_policy_window();
+
 /// Resident CTAs per multiprocessor of `kernel` with `threads` threads and `shared` bytes of
 /// dynamic shared memory on the current device (at least 1).
 int resident_blocks(const void* kernel, int threads, std::size_t shared, const char* what);
@@ -188,24 +191,64 @@ __device__ __forceinline__ void allow_dependents() {
 /// >= 9.0 and code built for sm_90 or later (a kernel JIT-compiled from older PTX has no
 /// griddepcontrol instructions, so it must not be launched early). Asked when a plan is made.
 bool dependent_launch_ready(const void* kernel);
-/// Launches `kernel` on `stream`, as a programmatic dependent of the kernel before it when
-/// `dependent` (from dependent_launch_ready), else as an ordinary launch.
+/// Attributes of one launch: programmatic serialization (a dependent of the kernel before it), a
+/// thread-block cluster shape, an L2 access-policy window that keeps a range as persisting lines.
+struct LaunchAttributes {
+  cudaLaunchAttribute list[3];
+  unsigned count = 0;
+
+  LaunchAttributes& dependent(bool on) {
+    if (!on) return *this;
+    list[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    list[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+    return *this;
+  }
+  LaunchAttributes& cluster(int x) {
+    if (x <= 1) return *this;
+    list[count].id = cudaLaunchAttributeClusterDimension;
+    list[count].val.clusterDim.x = static_cast<unsigned>(x);
+    list[count].val.clusterDim.y = 1;
+    list[count].val.clusterDim.z = 1;
+    ++count;
+    return *this;
+  }
+  /// Accesses to [base, base + bytes) hit as persisting lines with probability hit_ratio (none
+  /// when hit_ratio <= 0), the rest stream.
+  LaunchAttributes& persisting(const void* base, std::size_t bytes, float hit_ratio) {
+    if (!(hit_ratio > 0.0f) || base == nullptr || bytes == 0) return *this;
+    list[count].id = cudaLaunchAttributeAccessPolicyWindow;
+    list[count].val.accessPolicyWindow.base_ptr = const_cast<void*>(base);
+    list[count].val.accessPolicyWindow.num_bytes = std::min(bytes, max_access_policy_window());
+    list[count].val.accessPolicyWindow.hitRatio = hit_ratio > 1.0f ? 1.0f : hit_ratio;
+    list[count].val.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
+    list[count].val.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+    ++count;
+    return *this;
+  }
+};
+
+/// Launches `kernel` on `stream` with `attributes`; a launch error raises Error(cuda_error).
 template <class... Params, class... Args>
-void launch_after(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared,
-                  cudaStream_t stream, const char* what, Args&&... args) {
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
+                   const LaunchAttributes& attributes, const char* what, Args&&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = shared;
   config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  if (dependent) {
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  config.attrs = const_cast<cudaLaunchAttribute*>(attributes.list);
+  config.numAttrs = attributes.count;
   detail::cuda_check(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
+}
+
+/// Launches `kernel` on `stream`, as a programmatic dependent of the kernel before it when
+/// `dependent` (from dependent_launch_ready), else as an ordinary launch.
+template <class... Params, class... Args>
+void launch_after(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared,
+                  cudaStream_t stream, const char* what, Args&&... args) {
+  launch_kernel(kernel, grid, block, shared, stream, LaunchAttributes{}.dependent(dependent), what,
+                std::forward<Args>(args)...);
 }
 
 /// Reports a run-time violation to the host (first report wins).

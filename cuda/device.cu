@@ -1,4 +1,5 @@
 // Properties of the current device that the kernels' plans need, cached per device.
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -27,6 +28,20 @@ int multiprocessor_count() {
                      "cudaDeviceGetAttribute (multiprocessors)");
   if (device < kMaxCachedDevices) counts[device].store(value, std::memory_order_relaxed);
   return value;
+}
+
+std::size_t max_access_policy_window() {
+  static std::atomic<int> sizes[kMaxCachedDevices] = {};
+  const int device = current_device();
+  if (device < kMaxCachedDevices) {
+    const int known = sizes[device].load(std::memory_order_relaxed);
+    if (known > 0) return static_cast<std::size_t>(known);
+  }
+  int value = 0;
+  detail::cuda_check(cudaDeviceGetAttribute(&value, cudaDevAttrMaxAccessPolicyWindowSize, device),
+                     "cudaDeviceGetAttribute (access-policy window)");
+  if (device < kMaxCachedDevices && value > 0) sizes[device].store(value, std::memory_order_relaxed);
+  return static_cast<std::size_t>(value);
 }
 
 bool dependent_launch_ready(const void* kernel) {
@@ -66,6 +81,32 @@ int resident_blocks(const void* kernel, int threads, std::size_t shared, const c
   int blocks = 0;
   detail::cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared), what);
   return blocks > 0 ? blocks : 1;
+}
+
+namespace {
+std::atomic<std::size_t> routed_kv_l2_bytes[kMaxCachedDevices] = {};
+}  // namespace
+
+std::size_t keep_routed_kv_in_l2(std::size_t bytes) {
+  const int device = current_device();
+  if (device >= kMaxCachedDevices) return 0;
+  int most = 0;
+  detail::cuda_check(cudaDeviceGetAttribute(&most, cudaDevAttrMaxPersistingL2CacheSize, device),
+                     "cudaDeviceGetAttribute (persisting L2)");
+  const std::size_t granted = std::min(bytes, static_cast<std::size_t>(std::max(most, 0)));
+  detail::cuda_check(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, granted), "cudaDeviceSetLimit (persisting L2)");
+  if (granted == 0) detail::cuda_check(cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache");
+  routed_kv_l2_bytes[device].store(granted, std::memory_order_relaxed);
+  return granted;
+}
+
+float routed_kv_hit_ratio(std::size_t bytes) {
+  const int device = current_device();
+  if (device >= kMaxCachedDevices || bytes == 0) return 0.0f;
+  const std::size_t granted = routed_kv_l2_bytes[device].load(std::memory_order_relaxed);
+  if (granted == 0) return 0.0f;
+  const std::size_t window = std::min(bytes, max_access_policy_window());
+  return window == 0 ? 0.0f : std::min(1.0f, static_cast<float>(granted) / static_cast<float>(window));
 }
 
 }  // namespace cuda_kernels

@@ -1,21 +1,11 @@
-// The lightning indexer on the GPU, its score pass (this file: tensor cores for 16-bit keys, the
-// first radix histogram fused in) and its plan; the exact multi-CTA radix select that follows is
-// in indexer_select.cu.
+// The lightning indexer on the GPU, its score pass (this file: tensor cores for 16-bit keys, CUDA
+// cores for f32) and its plan; the exact top-k that follows is in indexer_select.cu.
 //
 //   score_kernel   grid (token tiles of the planned max_length, sequences, row blocks): reads every
-//                  visible indexer key once
-//                  (16-byte loads), mma.sync m16n8k16 with the queries' heads as M, writes the
-//                  f32 scores and adds the top 11 bits of each candidate's key to hist0[row].
-//   filter_kernel  grid (rows, position tiles): finds the threshold bin of hist0, writes the
-//                  positions above it, compacts the bin's members (as routing keys), builds hist1.
-//   finish_kernel  one CTA per row: sinks and window, then the remaining radix passes over the
-//                  (usually small) candidate set, down to the position bits (ties to the lower
-//                  position), the -1 padding, and the routed set rewritten in ascending order;
-//                  it leaves the row's histograms and counters zero for the next call.
-//
-// The routing key of a candidate is the 64-bit (score_key(score) << 32 | ~position): unique, so the
-// selected set is exactly the CPU's. Candidate lists live in the workspace with room for every
-// position: nothing is ever dropped.
+//                  visible indexer key once (16-byte loads), mma.sync m16n8k16 with the queries'
+//                  heads as M, and writes the f32 scores of its tile.
+//   select_kernel  (indexer_select.cu) a thread-block cluster per query row: radix select over the
+//                  scores in L2, the routed set in ascending order, then the optional K/V gather.
 #include <algorithm>
 
 #include "indexer_common.cuh"
@@ -24,32 +14,6 @@ namespace clsa {
 namespace cuda_kernels {
 
 namespace indexer {
-/// Adds this CTA's scores of block rows to hist0 (top 11 bits of each candidate's key).
-__device__ void add_first_histogram(const SelectParams& p, int b, int t_begin, int t_end, int tile_begin,
-                                    unsigned* histogram) {
-  const IndexerArgs& a = p.a;
-  for (int t = t_begin; t < t_end; ++t) {
-    const RowPlan plan(a, b, t);
-    if (!plan.selects) continue;  // uniform over the CTA
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
-    __syncthreads();
-    const std::int64_t row = std::int64_t{b} * a.tokens + t;
-    const float* scores = p.scores + row * p.stride;
-    for (int i = threadIdx.x; i < kScoreTile; i += blockDim.x) {
-      const int position = tile_begin + i;
-      if (position >= plan.sink_end && position < plan.window_begin) {
-        atomicAdd(&histogram[score_key(scores[position]) >> 21], 1u);
-      }
-    }
-    __syncthreads();
-    unsigned* global = p.hist0 + row * kBins;
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
-      if (histogram[i] != 0) atomicAdd(&global[i], histogram[i]);
-    }
-    __syncthreads();
-  }
-}
-
 /// Scores with tensor cores (f16/bf16 keys, DIM 64 or 128). Queries of rows_per_block tokens x
 /// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
 template <class Elem, int DIM>
@@ -101,7 +65,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
 
   Elem* queries = reinterpret_cast<Elem*>(shared);  // [block_rows * padded][kRowElems]
   float* weights = reinterpret_cast<float*>(queries + static_cast<std::size_t>(p.rows_per_block) * padded * kRowElems);
-  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * padded);
   for (int i = threadIdx.x; i < block_rows * padded * (DIM / 8); i += blockDim.x) {
     const int r = i / (DIM / 8);
     const int v = i % (DIM / 8);
@@ -198,8 +161,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
       }
     }
   }
-  __syncthreads();
-  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
 }
 
 /// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
@@ -218,7 +179,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
   if (tile_begin >= length) return;
   float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]
   float* weights = queries + static_cast<std::size_t>(p.rows_per_block) * heads * dim;
-  unsigned* histogram = reinterpret_cast<unsigned*>(weights + p.rows_per_block * heads);
   for (int i = threadIdx.x; i < block_rows * heads * dim; i += blockDim.x) {
     const int r = i / (heads * dim);
     const int h = (i / dim) % heads;
@@ -265,8 +225,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
       p.scores[(std::int64_t{b} * a.tokens + t_begin + r) * p.stride + position] = a.scale * total;
     }
   }
-  __syncthreads();
-  add_first_histogram(p, b, t_begin, t_end, tile_begin, histogram);
 }
 
 }  // namespace indexer
@@ -314,15 +272,18 @@ bool indexer_supports(DType dtype, int dim) {
   return score_variant(dtype, dim) >= 0;
 }
 
+bool routed_kv_supported(DType dtype, int head_dim) {
+  return gather_supported(dtype, head_dim);
+}
+
 IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim) {
   // Grid limits: y and z extents of a launch are at most 65535.
   const std::int64_t rows = std::int64_t{max_sequences} * max_tokens;
-  const std::int64_t filter_tiles = ceil_div(max_length, kFilterTile);
-  if (max_sequences > 65535 || max_tokens > 65535 || filter_tiles > 65535 || rows > INT32_MAX) {
+  if (max_sequences > 65535 || max_tokens > 65535 || rows > INT32_MAX / kMaxCluster || max_length > INT32_MAX / 2) {
     detail::fail(ErrorCode::capacity_exceeded,
                  detail::concat("bounds of ", max_sequences, " sequences x ", max_tokens, " query tokens, length ",
                                 max_length, " exceed what the CUDA kernels' grids hold (at most 65535 sequences, ",
-                                "65535 query tokens, ", std::int64_t{65535} * kFilterTile, " positions)"));
+                                "65535 query tokens, ", INT32_MAX / 2, " positions)"));
   }
   IndexerPlan plan;
   plan.max_sequences = max_sequences;
@@ -332,11 +293,11 @@ IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_len
   plan.stride = w.stride;
   plan.bytes = w.end;
   plan.dependent_launch = select_dependent_launch_ready();
+  plan.cluster = plan_select_cluster(max_length);
   for (const ScoreVariant& v : kScoreVariants) {
     if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
     const std::size_t row_bytes = query_row_bytes(v.dtype, heads, dim);
-    allow_shared_memory(reinterpret_cast<const void*>(v.kernel),
-                        row_bytes * rows_per_block(row_bytes, max_tokens) + kBins * 4,
+    allow_shared_memory(reinterpret_cast<const void*>(v.kernel), row_bytes * rows_per_block(row_bytes, max_tokens),
                         "cudaFuncSetAttribute (indexer scores)");
   }
   return plan;
@@ -352,12 +313,11 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
   p.page_shift = page_shift_of(args.layout.page_size);
   p.stride = w.stride;
   p.scores = reinterpret_cast<float*>(base + w.scores);
-  p.hist0 = reinterpret_cast<unsigned*>(base + w.hist0);
-  p.hist1 = reinterpret_cast<unsigned*>(base + w.hist1);
-  p.counters = reinterpret_cast<unsigned*>(base + w.counters);
-  p.bitmap = reinterpret_cast<unsigned*>(base + w.bitmap);
-  p.candidates = reinterpret_cast<std::uint64_t*>(base + w.candidates);
-  p.spare = reinterpret_cast<std::uint64_t*>(base + w.spare);
+  // CTAs per row: the plan's (from the length), halved while the rows would need more than one
+  // wave of them (many rows fill the GPU anyway; fewer CTAs per row then stream more tiles each).
+  p.cluster = plan.cluster;
+  while (p.cluster > 1 && std::int64_t{rows} * p.cluster > multiprocessor_count()) p.cluster /= 2;
+  p.element_bytes = static_cast<int>(dtype_size(args.layout.dtype));
 
   const DType dtype = args.layout.dtype;
   const int variant = score_variant(dtype, args.dim);
@@ -365,14 +325,14 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
   p.padded_heads = dtype == DType::f32 ? args.heads : static_cast<int>(ceil_div(args.heads, 16) * 16);
   const std::size_t row_bytes = query_row_bytes(dtype, args.heads, args.dim);
   p.rows_per_block = rows_per_block(row_bytes, args.tokens);
-  const std::size_t shared = row_bytes * p.rows_per_block + kBins * 4;
+  const std::size_t shared = row_bytes * p.rows_per_block;
   // Launch sizes come from the plan (max_length), never from the lengths of the moment.
   const dim3 grid(static_cast<unsigned>(ceil_div(plan.max_length, kScoreTile)),
                   static_cast<unsigned>(args.num_sequences),
                   static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
   kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
   detail::cuda_check_launch("indexer score_kernel");
-  launch_select(p, rows, plan.max_length, plan.dependent_launch, stream);
+  launch_select(p, rows, plan.dependent_launch, stream);
 }
 
 }  // namespace cuda_kernels

@@ -1,7 +1,25 @@
-// The indexer's exact radix select on the GPU (after the score pass of indexer_scores.cu):
-// filter_kernel finds each row's threshold bin of the first histogram, writes the positions above
-// it and compacts the bin's members; finish_kernel ranks the survivors down to the position bits,
-// adds sinks and window, and rewrites the routed set in ascending order.
+// The indexer's exact top-k on the GPU (after the score pass of indexer_scores.cu), one kernel:
+//
+//   select_kernel  grid (cluster, rows): the `cluster` CTAs of a row (one thread-block cluster on
+//                  sm_90) each hold a contiguous chunk of the row's candidate scores (between the
+//                  sinks and the window) in registers. Three radix levels (11, 11 and 10 bits of the
+//                  order-preserving score key) find the k-th largest key: each level builds a
+//                  shared-memory histogram per CTA, the cluster sums them through distributed
+//                  shared memory (each CTA owns a slice of the bins), and every CTA finds the same
+//                  threshold bin. Keys above the threshold are routed, and of the keys equal to it
+//                  the lowest positions (the tie rule). One scan over the cluster places every
+//                  routed position, so the row comes out in ascending order with no sort. Sinks,
+//                  window, counts, -1 padding and the pool slots are written by the same kernel.
+//   gather_kernel  (when the caller asked for RoutingIndex::kv) copies every routed token's K and
+//                  V rows into the compact block [rows][2][kv_heads][top_k][dim]: one pass over
+//                  the pool per step, after which every layer reads its K/V contiguously.
+//
+// Exact: nothing is dropped or approximated; the routed set is the CPU's (same key, same ties).
+// Without clusters (sm_80) a row runs on one CTA that streams its chunk from L2 once per pass.
+#include <cooperative_groups.h>
+
+#include <cub/block/block_scan.cuh>
+
 #include <algorithm>
 
 #include "indexer_common.cuh"
@@ -10,193 +28,164 @@ namespace clsa {
 namespace cuda_kernels {
 namespace indexer {
 
-constexpr int kFinishThreads = 512;
-constexpr int kFinishKeys = 4096;                           // candidates the fast paths hold
-constexpr int kFinishItems = kFinishKeys / kFinishThreads;  // per thread, in registers
-constexpr int kSharedBitmapWords = kFinishKeys * 2;         // rows up to 262144 sort in shared memory
+namespace {
 
-/// Slot for each lane with `predicate` from one atomicAdd per warp (all 32 lanes must call it):
-/// a single shared counter takes far fewer, uncontended atomics than one per element.
-__device__ __forceinline__ unsigned warp_slot(unsigned* counter, bool predicate) {
-  const unsigned mask = __ballot_sync(kFullMask, predicate);
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const int leader = __ffs(static_cast<int>(mask)) - 1;
-  unsigned base = 0;
-  if (mask != 0 && lane == leader) base = atomicAdd(counter, static_cast<unsigned>(__popc(mask)));
-  base = __shfl_sync(kFullMask, base, leader < 0 ? 0 : leader);
-  return base + static_cast<unsigned>(__popc(mask & ((1u << lane) - 1u)));
+constexpr int kLevels = 3;
+constexpr int kReduceLoads = kBins / kSelectThreads;  // remote histogram loads per thread and level
+constexpr int kGatherTokens = 8;                      // routed tokens per gather CTA
+constexpr int kGatherThreads = 256;
+
+/// Bits of the score key known after radix level `level` (11, 22, 32).
+__device__ __forceinline__ int known_bits(int level) {
+  return level == 0 ? 11 : level == 1 ? 22 : 32;
 }
 
-/// Above-threshold positions of a tile go straight to the output; the threshold bin's members
-/// become candidates (as routing keys), and hist1 counts their next digit. Each thread keeps its
-/// kItems scores in registers; one block scan gives every thread its output slots, so each CTA
-/// makes two global atomics in all.
-__global__ void __launch_bounds__(kFilterThreads) filter_kernel(SelectParams p) {
-  using Scan = cub::BlockScan<int, kFilterThreads>;
-  constexpr int kItems = kFilterTile / kFilterThreads;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ int result[2];
-  __shared__ unsigned histogram[kBins];
-  __shared__ unsigned bases[2];
-  allow_dependents();
-  wait_for_predecessor();  // the scores and hist0
-  const IndexerArgs& a = p.a;
-  const std::int64_t row = blockIdx.x;
-  const int b = static_cast<int>(row / a.tokens);
-  const int t = static_cast<int>(row % a.tokens);
-  const RowPlan plan(a, b, t);
-  const int tile_begin = plan.sink_end + static_cast<int>(blockIdx.y) * kFilterTile;
-  if (!plan.selects || tile_begin >= plan.window_begin) return;
-  const int tile_end = min(plan.window_begin, tile_begin + kFilterTile);
-  const float* scores = p.scores + row * p.stride;
-  float values[kItems];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
-    values[i] = position < tile_end ? scores[position] : 0.0f;
-  }
-  int above = 0;
-  const int bin = threshold_bin<kFilterThreads>(p.hist0 + row * kBins, plan.needed, &above, result, scan_storage);
-  for (int i = threadIdx.x; i < kBins; i += blockDim.x) histogram[i] = 0;
-  int selected = 0;
-  int candidates = 0;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
-    const int d0 = digit(routing_key(values[i], position), 0);
-    if (position < tile_end) {
-      selected += d0 > bin ? 1 : 0;
-      candidates += d0 == bin ? 1 : 0;
-    }
-  }
-  // Both counts in one scan: each fits in 16 bits (a tile holds kFilterTile <= 65535 positions).
-  int offsets = 0;
-  int totals = 0;
-  Scan(scan_storage).ExclusiveSum(selected | (candidates << 16), offsets, totals);
-  unsigned* counters = p.counters + row * 4;
-  if (threadIdx.x == 0) {
-    bases[0] = atomicAdd(&counters[0], static_cast<unsigned>(totals & 0xffff));
-    bases[1] = atomicAdd(&counters[1], static_cast<unsigned>(totals >> 16));
-  }
-  __syncthreads();
-  std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
-  std::uint64_t* list = p.candidates + row * p.stride;
-  int selected_slot = plan.forced + static_cast<int>(bases[0]) + (offsets & 0xffff);
-  int candidate_slot = static_cast<int>(bases[1]) + (offsets >> 16);
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int position = tile_begin + i * kFilterThreads + static_cast<int>(threadIdx.x);
-    if (position >= tile_end) continue;
-    const std::uint64_t key = routing_key(values[i], position);
-    const int d0 = digit(key, 0);
-    if (d0 > bin) {
-      positions[selected_slot++] = position;
-    } else if (d0 == bin) {
-      list[candidate_slot++] = key;
-      atomicAdd(&histogram[digit(key, 1)], 1u);
-    }
-  }
-  __syncthreads();
-  unsigned* global = p.hist1 + row * kBins;
-  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
-    if (histogram[i] != 0) atomicAdd(&global[i], histogram[i]);
-  }
-  (void)above;
+/// Digit of `key` at radix level `level`: bits 31..21, 20..10, 9..0.
+__device__ __forceinline__ int level_digit(unsigned key, int level) {
+  return level == 0   ? static_cast<int>(key >> 21)
+         : level == 1 ? static_cast<int>((key >> 10) & 0x7ffu)
+                      : static_cast<int>(key & 0x3ffu);
 }
 
-struct FinishShared {
-  cub::BlockScan<int, kFinishThreads>::TempStorage scan;
-  int result[2];
-  unsigned histogram[kBins];
-  std::uint64_t keys[kFinishKeys];  // the fast paths' keys, then the bitmap of the sort
-  unsigned next_slot;
-  unsigned list_size;
-};
-
-/// One radix level over a candidate list: keys whose digit `level` is above `bin` are routed
-/// (appended to `positions` at sh.next_slot), keys in `bin` go to `kept` (at sh.list_size).
-/// Uniform trip count: warp_slot needs every lane of the warp.
-__device__ void split_list(const std::uint64_t* list, int size, int level, int bin, std::int32_t* positions,
-                           std::uint64_t* kept, FinishShared& sh) {
-#pragma unroll 4
-  for (int first = 0; first < size; first += kFinishThreads) {
-    const int i = first + static_cast<int>(threadIdx.x);
-    const std::uint64_t key = i < size ? list[i] : 0;
-    const int d = i < size ? digit(key, level) : -1;
-    const unsigned routed = warp_slot(&sh.next_slot, d > bin);
-    if (d > bin) positions[routed] = routing_key_position(key);
-    const unsigned slot = warp_slot(&sh.list_size, d == bin);
-    if (d == bin) kept[slot] = key;
+/// Adds 1 to hist[bin] for every lane with `take`; lanes of the warp with the same bin add once
+/// (score keys crowd into few bins: plain shared atomics would serialise on them).
+__device__ __forceinline__ void add_to_histogram(unsigned* hist, int bin, bool take) {
+  const unsigned active = __ballot_sync(kFullMask, take);
+  if (!take) return;
+  const unsigned same = __match_any_sync(active, bin);
+  if (static_cast<int>(threadIdx.x % 32) == __ffs(static_cast<int>(same)) - 1) {
+    atomicAdd(&hist[bin], static_cast<unsigned>(__popc(same)));
   }
 }
 
-/// Radix levels `level`.. over `size` live keys held kFinishItems per thread in registers: each
-/// level routes the keys above its threshold bin and keeps the bin's. Keys are unique, so after
-/// level 5 exactly `remaining` live.
-__device__ void finish_in_registers(std::uint64_t (&keys)[kFinishItems], bool (&alive)[kFinishItems], int level,
-                                    int size, int remaining, std::int32_t* positions, FinishShared& sh) {
-  for (; remaining > 0; ++level) {
-    if (remaining == size || level > 5) {
-#pragma unroll
-      for (int i = 0; i < kFinishItems; ++i) {
-        const unsigned routed = warp_slot(&sh.next_slot, alive[i]);
-        if (alive[i]) positions[routed] = routing_key_position(keys[i]);
-      }
+/// The row's CTAs as one group: on sm_90 a thread-block cluster of SelectParams::cluster CTAs
+/// (consecutive in grid.x), else one CTA.
+struct RowGroup {
+  int size;  // CTAs of the row
+  int rank;  // this CTA's, 0..size-1 (its rank in the cluster)
+
+  __device__ void sync() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) {
+      cooperative_groups::this_cluster().sync();
       return;
     }
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sh.histogram[i] = 0;
+#endif
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kFinishItems; ++i) {
-      if (alive[i]) atomicAdd(&sh.histogram[digit(keys[i], level)], 1u);
-    }
-    __syncthreads();
-    int level_above = 0;
-    const int bin = threshold_bin<kFinishThreads>(sh.histogram, remaining, &level_above, sh.result, sh.scan);
-#pragma unroll
-    for (int i = 0; i < kFinishItems; ++i) {
-      const int d = alive[i] ? digit(keys[i], level) : -1;
-      const unsigned routed = warp_slot(&sh.next_slot, d > bin);
-      if (d > bin) positions[routed] = routing_key_position(keys[i]);
-      alive[i] = d == bin;
-    }
-    remaining -= level_above;
-    size = static_cast<int>(sh.histogram[bin]);
-    __syncthreads();  // everyone has read histogram[bin] before the next level clears it
   }
+  /// `local`'s counterpart in the shared memory of CTA `peer` of the row.
+  template <class T>
+  __device__ T* peer(T* local, int peer_rank) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) return cooperative_groups::this_cluster().map_shared_rank(local, peer_rank);
+#endif
+    (void)peer_rank;
+    return local;
+  }
+};
+
+struct SelectShared {
+  unsigned hist[kBins];     // this CTA's histogram of the level
+  unsigned reduced[kBins];  // the row's histogram, this CTA's slice of the bins
+  cub::BlockScan<int, kSelectThreads>::TempStorage scan;
+  int result[3];  // threshold search: bin, count above it, count in it
+  int totals[2];  // this CTA's routed keys above the threshold and its ties
+  int peer_totals[kMaxCluster][2];
+};
+
+/// The threshold bin of the row's histogram (every CTA's `reduced` slice, descending from the top
+/// bin): where the running count reaches `needed`. All threads get bin, above and in-bin counts.
+__device__ void find_threshold(SelectShared& sh, const RowGroup& group, int needed, int* bin, int* above, int* in_bin) {
+  constexpr int kPerThread = kBins / kSelectThreads;
+  const int bins_per_owner = kBins / group.size;
+  int counts[kPerThread];  // bins in descending order: thread 0 holds the top ones
+  int local = 0;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int b = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
+    counts[i] = static_cast<int>(*group.peer(&sh.reduced[b], b / bins_per_owner));
+    local += counts[i];
+  }
+  if (threadIdx.x == 0) {
+    sh.result[0] = 0;  // only kept if the histogram holds fewer than `needed` (a bug)
+    sh.result[1] = 0;
+    sh.result[2] = 0;
+  }
+  int before = 0;
+  cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(local, before);  // its barrier orders the reset
+  int running = before;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    if (running < needed && running + counts[i] >= needed) {
+      sh.result[0] = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
+      sh.result[1] = running;
+      sh.result[2] = counts[i];
+    }
+    running += counts[i];
+  }
+  __syncthreads();
+  *bin = sh.result[0];
+  *above = sh.result[1];
+  *in_bin = sh.result[2];
+  __syncthreads();  // result is reused by the next search
 }
 
-/// The routed positions' pool slots (RoutingIndex::slots), once the row's positions are final:
-/// every layer's attention then reads K and V without a page-table lookup. Called by the whole CTA.
-__device__ void write_slots(const SelectParams& p, int b, int t, const std::int32_t* positions, int count) {
-  const IndexerArgs& a = p.a;
-  if (a.slots == nullptr) return;
-  __syncthreads();  // other threads of the CTA wrote the positions
-  std::int32_t* slots = a.slots + b * a.slots_stride_b + t * a.slots_stride_t;
-  const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
-  for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) {
-    slots[i] = i < count ? static_cast<std::int32_t>(paged.pool_slot(positions[i])) : -1;
+/// Writes entry i of a row's routed positions and (when asked) its pool slot.
+struct RowOutput {
+  std::int32_t* positions;
+  std::int32_t* slots;
+  PagedRows paged;
+  __device__ void put(int i, int position) const {
+    positions[i] = position;
+    if (slots != nullptr) slots[i] = position >= 0 ? static_cast<std::int32_t>(paged.pool_slot(position)) : -1;
   }
-}
+};
 
-/// One CTA per row: forced positions, the radix levels after the first over the candidates,
-/// counts, padding, and the routed set rewritten in ascending order. Level 1 uses hist1 and one
-/// coalesced pass over the candidate keys; its threshold bin's members (usually a handful) are
-/// ranked directly in shared memory, or (up to kFinishKeys) run the remaining levels in
-/// registers. Very large ties (plateaus) take a global-memory path. Last, the row's histograms
-/// and counters are zeroed for the next call (the workspace is cleared only when its layout
-/// changes).
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) {
-  __shared__ FinishShared sh;
-  wait_for_predecessor();  // the filter's positions, candidates, hist1 and counters
+/// One row's chunk of scores as a thread holds them for a pass: positions first + i (i <
+/// kSelectItems) of one tile, as score keys, with a bit per candidate position.
+struct TileKeys {
+  unsigned keys[kSelectItems];
+  unsigned valid;  // bit i: position first + i lies in [sink_end, window_begin)
+  int first;
+
+  __device__ void load(const float* scores, int tile_begin, int lo, int hi) {
+    first = tile_begin + static_cast<int>(threadIdx.x) * kSelectItems;
+    valid = 0;
+#pragma unroll
+    for (int v = 0; v < kSelectItems / 4; ++v) {
+      const int position = first + 4 * v;
+      // The scores row is stride-long (a multiple of 64) and zeroed at adoption: a vector that
+      // starts before `hi` stays in the row and reads initialised memory.
+      const float4 x = position < hi ? __ldcg(reinterpret_cast<const float4*>(scores + position))
+                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const float values[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        keys[4 * v + u] = score_key(values[u]);
+        if (position + u >= lo && position + u < hi) valid |= 1u << (4 * v + u);
+      }
+    }
+  }
+};
+
+/// The selection of one query row by the CTAs of its cluster.
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) {
+  __shared__ SelectShared sh;
+  allow_dependents();
+  wait_for_predecessor();  // the scores
   const IndexerArgs& a = p.a;
-  const std::int64_t row = blockIdx.x;
+  const RowGroup group{p.cluster, static_cast<int>(blockIdx.x) % p.cluster};
+  const std::int64_t row = blockIdx.x / p.cluster;
   const int b = static_cast<int>(row / a.tokens);
   const int t = static_cast<int>(row % a.tokens);
   const RowPlan plan(a, b, t);
-  std::int32_t* positions = a.positions + b * a.positions_stride_b + t * a.positions_stride_t;
+  const RowOutput out{a.positions + b * a.positions_stride_b + t * a.positions_stride_t,
+                      a.slots != nullptr ? a.slots + b * a.slots_stride_b + t * a.slots_stride_t : nullptr,
+                      PagedRows{a.page_indices + a.page_indptr[b], p.page_shift}};
   const int count = min(a.top_k, plan.visible);
-  if (threadIdx.x == 0) {
+  const int stride = group.size * kSelectThreads;
+  const int me = group.rank * kSelectThreads + static_cast<int>(threadIdx.x);
+  if (me == 0) {
     a.counts[b * a.counts_stride_b + t * a.counts_stride_t] = count;
     if (t == 0) {
       const int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
@@ -205,155 +194,296 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(SelectParams p) 
       }
     }
   }
-  if (plan.visible <= a.top_k) {
-    for (int i = threadIdx.x; i < a.top_k; i += blockDim.x) positions[i] = i < plan.visible ? i : -1;
-    write_slots(p, b, t, positions, count);
-    return;
+  if (!plan.selects) {  // every visible position, or sinks + window fill top_k: already in order
+    for (int i = me; i < a.top_k; i += stride) {
+      int position = -1;
+      if (plan.visible <= a.top_k) {
+        position = i < plan.visible ? i : -1;
+      } else {
+        position = i < plan.sink_end ? i : plan.window_begin + (i - plan.sink_end);
+      }
+      out.put(i, position);
+    }
+    return;  // uniform over the row's CTAs: no cluster barrier is pending
   }
-  for (int i = threadIdx.x; i < plan.sink_end; i += blockDim.x) positions[i] = i;
-  for (int i = plan.window_begin + static_cast<int>(threadIdx.x); i < plan.visible; i += blockDim.x) {
-    positions[plan.sink_end + (i - plan.window_begin)] = i;
-  }
-  if (!plan.selects) {  // sinks and window fill top_k: already in order
-    write_slots(p, b, t, positions, count);
-    return;
+  // Forced positions: sinks first, the window last; the selected ones go between, in order.
+  for (int i = me; i < plan.sink_end; i += stride) out.put(i, i);
+  for (int i = plan.window_begin + me; i < plan.visible; i += stride) {
+    out.put(plan.sink_end + plan.needed + (i - plan.window_begin), i);
   }
 
-  // Both histograms and the candidate count in one round trip.
-  unsigned* hist0 = p.hist0 + row * kBins;
-  unsigned* hist1 = p.hist1 + row * kBins;
-  unsigned* counters = p.counters + row * 4;
-  HistogramSlice<kFinishThreads> slice0, slice1;
-  slice0.load(hist0);
-  slice1.load(hist1);
-  int size = static_cast<int>(counters[1]);
-  int above = 0;
-  threshold_bin<kFinishThreads>(slice0, plan.needed, &above, sh.result, sh.scan);
-  int remaining = plan.needed - above;  // still to take from the candidates (bin0's members)
-  const std::uint64_t* list = p.candidates + row * p.stride;
-  if (threadIdx.x == 0) {
-    sh.next_slot = static_cast<unsigned>(plan.forced + above);
-    sh.list_size = 0;
-  }
+  // This CTA's chunk of the candidate range [sink_end, window_begin), 16-aligned (vector loads).
+  const int lo = plan.sink_end;
+  const int hi = plan.window_begin;
+  const int aligned_lo = lo & ~(kSelectItems - 1);
+  const int chunk = static_cast<int>(ceil_div(ceil_div(hi - aligned_lo, group.size), kSelectItems) * kSelectItems);
+  const int chunk_begin = aligned_lo + group.rank * chunk;
+  const int chunk_end = min(hi, chunk_begin + chunk);
+  const int tiles = chunk_end > chunk_begin ? static_cast<int>(ceil_div(chunk_end - chunk_begin, kSelectTile)) : 0;
+  const float* scores = p.scores + row * p.stride;
+  TileKeys tile;
+  if (tiles >= 1) tile.load(scores, chunk_begin, lo, chunk_end);
+  const bool resident = tiles <= 1;  // the usual case: one tile, loaded once for every pass
+  auto load_tile = [&](int index) {
+    if (!resident) tile.load(scores, chunk_begin + index * kSelectTile, lo, chunk_end);
+  };
+
+  // Radix levels: `prefix` holds the threshold's top known_bits(level - 1) bits.
+  for (int i = threadIdx.x; i < kBins; i += kSelectThreads) sh.hist[i] = 0;
   __syncthreads();
-  const bool all_in = remaining > 0 && remaining == size;
-  int level_above = 0;
-  const int bin1 =
-      threshold_bin<kFinishThreads>(slice1, all_in ? 0 : max(remaining, 1), &level_above, sh.result, sh.scan);
-
-  if (all_in) {
-    for (int i = threadIdx.x; i < size; i += blockDim.x) positions[sh.next_slot + i] = routing_key_position(list[i]);
-  } else if (remaining > 0) {
-    const int survivors = static_cast<int>(hist1[bin1]);
-    const bool fast = survivors <= kFinishKeys;
-    std::uint64_t* next = fast ? sh.keys : p.spare + row * p.stride;
-    // Uniform trip count (warp_slot needs every lane of the warp).
-    split_list(list, size, 1, bin1, positions, next, sh);
-    __syncthreads();
-    remaining -= level_above;
-    size = survivors;
-    if (fast && size <= kFinishThreads) {
-      // Few survivors (the usual case): rank them directly, one key per thread; keys are unique,
-      // so the ranks below `remaining` are exactly the keys to route.
-      const bool mine = static_cast<int>(threadIdx.x) < size;
-      const std::uint64_t key = mine ? sh.keys[threadIdx.x] : 0;
-      int rank = 0;
-      for (int j = 0; j < size; ++j) rank += sh.keys[j] > key ? 1 : 0;
-      if (mine && rank < remaining) positions[sh.next_slot + rank] = routing_key_position(key);
-    } else if (fast) {
-      std::uint64_t keys[kFinishItems];
-      bool alive[kFinishItems];
+  unsigned prefix = 0;
+  int known = 0;
+  int remaining = plan.needed;
+  for (int level = 0; level < kLevels; ++level) {
+    for (int index = 0; index < tiles; ++index) {
+      load_tile(index);
 #pragma unroll
-      for (int i = 0; i < kFinishItems; ++i) {
-        const int index = i * kFinishThreads + static_cast<int>(threadIdx.x);
-        alive[i] = index < size;
-        keys[i] = alive[i] ? sh.keys[index] : 0;
-      }
-      __syncthreads();  // sh.keys is reused below
-      finish_in_registers(keys, alive, 2, size, remaining, positions, sh);
-    } else {
-      // Levels 2.. over global lists, compacting between the two buffers (level L writes
-      // buffers[L % 2]; level 1 wrote the spare one).
-      std::uint64_t* buffers[2] = {p.candidates + row * p.stride, p.spare + row * p.stride};
-      list = buffers[1];
-      for (int level = 2; remaining > 0; ++level) {
-        if (remaining == size || level > 5) {
-          for (int i = threadIdx.x; i < size; i += blockDim.x) {
-            positions[sh.next_slot + i] = routing_key_position(list[i]);
-          }
-          break;
-        }
-        for (int i = threadIdx.x; i < kBins; i += blockDim.x) sh.histogram[i] = 0;
-        __syncthreads();
-        for (int i = threadIdx.x; i < size; i += blockDim.x) atomicAdd(&sh.histogram[digit(list[i], level)], 1u);
-        __syncthreads();
-        int above_bin = 0;
-        const int bin = threshold_bin<kFinishThreads>(sh.histogram, remaining, &above_bin, sh.result, sh.scan);
-        std::uint64_t* compacted = buffers[level % 2];
-        if (threadIdx.x == 0) sh.list_size = 0;
-        __syncthreads();
-        split_list(list, size, level, bin, positions, compacted, sh);
-        __syncthreads();
-        remaining -= above_bin;
-        size = static_cast<int>(sh.list_size);
-        list = compacted;
-        __syncthreads();
+      for (int i = 0; i < kSelectItems; ++i) {
+        const unsigned key = tile.keys[i];
+        const bool in_bin = ((tile.valid >> i) & 1u) != 0 && (known == 0 || (key >> (32 - known)) == prefix);
+        add_to_histogram(sh.hist, level_digit(key, level), in_bin);
       }
     }
+    group.sync();  // every CTA's histogram is complete (and the previous level's `reduced` read)
+    // This CTA's slice of the bins summed over the row's CTAs: bins x peers = kBins loads per CTA,
+    // kReduceLoads per thread, all in flight at once (remote shared memory is ~a microsecond away).
+    const int bins_per_owner = kBins / group.size;
+    const int first_bin = group.rank * bins_per_owner;
+    for (int i = threadIdx.x; i < bins_per_owner; i += kSelectThreads) sh.reduced[first_bin + i] = 0;
+    unsigned partial[kReduceLoads];
+#pragma unroll
+    for (int k = 0; k < kReduceLoads; ++k) {
+      const int work = static_cast<int>(threadIdx.x) + k * kSelectThreads;
+      partial[k] = *group.peer(&sh.hist[first_bin + work % bins_per_owner], work / bins_per_owner);
+    }
+    __syncthreads();  // the slice is zeroed
+#pragma unroll
+    for (int k = 0; k < kReduceLoads; ++k) {
+      const int work = static_cast<int>(threadIdx.x) + k * kSelectThreads;
+      if (partial[k] != 0) atomicAdd(&sh.reduced[first_bin + work % bins_per_owner], partial[k]);
+    }
+    group.sync();  // every slice is reduced; the CTAs' histograms are no longer read
+    for (int i = threadIdx.x; i < kBins; i += kSelectThreads) sh.hist[i] = 0;
+    int bin = 0, above = 0, in_bin = 0;
+    find_threshold(sh, group, remaining, &bin, &above, &in_bin);
+    remaining -= above;
+    prefix = (prefix << (level == 2 ? 10 : 11)) | static_cast<unsigned>(bin);
+    known = known_bits(level);
+    if (in_bin == remaining) break;  // the whole bin is routed: no need to look closer (uniform)
   }
-
-  // Rewrite the routed set in ascending position order (deterministic output, ordered gathers):
-  // mark it in a bitmap (shared memory when the row fits), then compact it with a block scan.
-  __syncthreads();
-  const int words = (plan.visible + 31) / 32;
-  const bool shared_fits = words <= kSharedBitmapWords;
-  unsigned* bitmap = shared_fits ? reinterpret_cast<unsigned*>(sh.keys) : p.bitmap + row * (p.stride / 32);
-  if (shared_fits) {
-    for (int w = threadIdx.x; w < words; w += blockDim.x) bitmap[w] = 0;
+  // Routed: keys whose top `known` bits exceed `prefix`, and the first `remaining` (in position
+  // order) of those equal to it.
+  auto classify = [&](unsigned key, bool valid, bool* over, bool* tie) {
+    const unsigned top = known == 32 ? key : key >> (32 - known);
+    *over = valid && top > prefix;
+    *tie = valid && top == prefix;
+  };
+  int tile_totals[2] = {0, 0};  // this CTA's keys above and ties (all tiles)
+  for (int index = 0; index < tiles; ++index) {
+    load_tile(index);
+    int over_count = 0, tie_count = 0;
+#pragma unroll
+    for (int i = 0; i < kSelectItems; ++i) {
+      bool over, tie;
+      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
+      over_count += over ? 1 : 0;
+      tie_count += tie ? 1 : 0;
+    }
+    int unused = 0, total = 0;
+    // Both counts in one scan: each is below 2^16 per tile.
+    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(over_count | (tie_count << 16), unused, total);
     __syncthreads();
+    tile_totals[0] += total & 0xffff;
+    tile_totals[1] += total >> 16;
   }
-  for (int i = threadIdx.x; i < count; i += blockDim.x) {
-    const int position = positions[i];
-    atomicOr(&bitmap[position >> 5], 1u << (position & 31));
+  if (threadIdx.x == 0) {
+    sh.totals[0] = tile_totals[0];
+    sh.totals[1] = tile_totals[1];
   }
-  // Clear this row's selection state for the next call.
-  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
-    hist0[i] = 0;
-    hist1[i] = 0;
+  group.sync();  // every CTA's totals are published
+  if (static_cast<int>(threadIdx.x) < group.rank) {
+    const int* peer = group.peer(sh.totals, static_cast<int>(threadIdx.x));
+    sh.peer_totals[threadIdx.x][0] = peer[0];
+    sh.peer_totals[threadIdx.x][1] = peer[1];
   }
-  if (threadIdx.x < 4) counters[threadIdx.x] = 0;
   __syncthreads();
-  const int per_thread = (words + kFinishThreads - 1) / kFinishThreads;
-  const int first_word = static_cast<int>(threadIdx.x) * per_thread;
-  const int last_word = min(words, first_word + per_thread);
-  int local = 0;
-  for (int w = first_word; w < last_word; ++w) local += __popc(bitmap[w]);
-  int offset = 0;
-  cub::BlockScan<int, kFinishThreads>(sh.scan).ExclusiveSum(local, offset);
-  for (int w = first_word; w < last_word; ++w) {
-    unsigned bits = bitmap[w];
-    if (!shared_fits) bitmap[w] = 0;
-    while (bits != 0) {
-      const int bit = __ffs(static_cast<int>(bits)) - 1;
-      positions[offset++] = w * 32 + bit;
-      bits &= bits - 1;
-    }
+  int over_before = 0, ties_before = 0;  // in the CTAs before this one (lower positions)
+  for (int q = 0; q < group.rank; ++q) {
+    over_before += sh.peer_totals[q][0];
+    ties_before += sh.peer_totals[q][1];
   }
-  write_slots(p, b, t, positions, count);
+  for (int index = 0; index < tiles; ++index) {
+    load_tile(index);
+    int over_count = 0, tie_count = 0;
+#pragma unroll
+    for (int i = 0; i < kSelectItems; ++i) {
+      bool over, tie;
+      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
+      over_count += over ? 1 : 0;
+      tie_count += tie ? 1 : 0;
+    }
+    int offsets = 0, total = 0;
+    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(over_count | (tie_count << 16), offsets, total);
+    int over_seen = over_before + (offsets & 0xffff);
+    int ties_seen = ties_before + (offsets >> 16);
+#pragma unroll
+    for (int i = 0; i < kSelectItems; ++i) {
+      bool over, tie;
+      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
+      if (over || (tie && ties_seen < remaining)) {
+        out.put(plan.sink_end + over_seen + min(ties_seen, remaining), tile.first + i);
+      }
+      over_seen += over ? 1 : 0;
+      ties_seen += tie ? 1 : 0;
+    }
+    over_before += total & 0xffff;
+    ties_before += total >> 16;
+    __syncthreads();  // the scan storage is reused by the next tile
+  }
+  group.sync();  // no CTA leaves while another may still read its shared memory
 }
 
-void launch_select(const SelectParams& p, int rows, std::int64_t max_length, bool dependent, cudaStream_t stream) {
-  // Both follow the score pass as programmatic dependents: their launch overlaps its tail.
-  launch_after(dependent, filter_kernel,
-               dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(max_length, kFilterTile))),
-               dim3(kFilterThreads), 0, stream, "indexer filter_kernel", p);
-  launch_after(dependent, finish_kernel, dim3(static_cast<unsigned>(rows)), dim3(kFinishThreads), 0, stream,
-               "indexer finish_kernel", p);
+/// Copies the routed rows of K and V of gather CTA (row, token block) into args.kv: per token, per
+/// kv head, `dim` elements of K then of V, as 16-byte vectors (all of a thread's loads in flight
+/// before its stores). Entries past the row's count are left as they are.
+template <int kVectorsPerRow>
+__global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) {
+  allow_dependents();
+  wait_for_predecessor();  // the routed positions and slots
+  const IndexerArgs& a = p.a;
+  const PagedCacheLayout& layout = a.layout;
+  const int row = static_cast<int>(blockIdx.x);
+  const int b = row / a.tokens;
+  const int t = row % a.tokens;
+  const int first = static_cast<int>(blockIdx.y) * kGatherTokens;
+  const int count = a.counts[b * a.counts_stride_b + t * a.counts_stride_t];
+  const int tokens = min(kGatherTokens, count - first);
+  if (tokens <= 0) return;
+  __shared__ std::int64_t pool_slots[kGatherTokens];
+  if (static_cast<int>(threadIdx.x) < tokens) {
+    const int i = first + static_cast<int>(threadIdx.x);
+    std::int64_t slot;
+    if (a.slots != nullptr) {
+      slot = a.slots[b * a.slots_stride_b + t * a.slots_stride_t + i];
+    } else {
+      const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
+      slot = paged.pool_slot(a.positions[b * a.positions_stride_b + t * a.positions_stride_t + i]);
+    }
+    pool_slots[threadIdx.x] = slot;
+  }
+  __syncthreads();
+  const std::int64_t element = p.element_bytes;
+  const int heads = layout.num_kv_heads;
+  // Work items: (token, kv head, K or V, vector) with the vector fastest.
+  const int items = tokens * heads * 2 * kVectorsPerRow;
+  // 8 vectors per thread in flight: the whole CTA's work in one batch at 8 kv heads of 256 bytes.
+  constexpr int kBatch = 8;
+  const std::int64_t head_block = static_cast<std::int64_t>(a.top_k) * kVectorsPerRow;  // vectors per (row, K|V, head)
+  uint4* kv = static_cast<uint4*>(a.kv) + static_cast<std::int64_t>(row) * 2 * heads * head_block;
+  for (int start = static_cast<int>(threadIdx.x); start < items; start += kBatch * kGatherThreads) {
+    uint4 values[kBatch];
+    std::int64_t targets[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int item = start + u * kGatherThreads;
+      targets[u] = -1;
+      if (item < items) {
+        const int vector = item % kVectorsPerRow;
+        const int head = (item / kVectorsPerRow) % heads;
+        const int which = (item / (kVectorsPerRow * heads)) % 2;  // 0: K, 1: V
+        const int token = item / (kVectorsPerRow * heads * 2);
+        const std::int64_t slot = pool_slots[token];
+        const std::int64_t page = slot >> p.page_shift;
+        const std::int64_t in_page = slot & ((std::int64_t{1} << p.page_shift) - 1);
+        const char* pool = static_cast<const char*>(which == 0 ? layout.k : layout.v);
+        const std::int64_t offset =
+            which == 0 ? page * layout.k_page_stride + in_page * layout.k_token_stride + head * layout.k_head_stride
+                       : page * layout.v_page_stride + in_page * layout.v_token_stride + head * layout.v_head_stride;
+        values[u] = load_vector(pool + offset * element + vector * 16);
+        targets[u] =
+            (which * heads + head) * head_block + static_cast<std::int64_t>(first + token) * kVectorsPerRow + vector;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (targets[u] >= 0) kv[targets[u]] = values[u];
+    }
+  }
+}
+
+using GatherKernel = void (*)(SelectParams);
+
+/// The gather kernel for rows of `vectors` 16-byte vectors (head_dim x element / 16).
+GatherKernel gather_kernel_for(int vectors) {
+  switch (vectors) {
+    case 8:
+      return gather_kernel<8>;
+    case 16:
+      return gather_kernel<16>;
+    case 32:
+      return gather_kernel<32>;
+    case 64:
+      return gather_kernel<64>;
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace
+
+int plan_select_cluster(std::int64_t max_length) {
+  const std::int64_t wanted = ceil_div(std::max<std::int64_t>(max_length, 1), kSelectTile);
+  int cluster = 1;
+  while (cluster < kMaxCluster && cluster < wanted) cluster *= 2;
+  if (cluster == 1) return 1;
+  const void* kernel = reinterpret_cast<const void*>(select_kernel);
+  // Clusters need sm_90 hardware and sm_90 code (a kernel JIT-compiled from sm_80 PTX has none).
+  if (!dependent_launch_ready(kernel)) return 1;
+  if (cluster > 8) {
+    detail::cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                       "cudaFuncSetAttribute (indexer select clusters)");
+  }
+  // The largest cluster the device can place (a GPC may hold fewer multiprocessors than 16).
+  for (; cluster > 1; cluster /= 2) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(cluster), 1);
+    config.blockDim = dim3(kSelectThreads);
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, select_kernel, &config) == cudaSuccess && clusters > 0) break;
+    (void)cudaGetLastError();
+  }
+  return cluster;
+}
+
+bool gather_supported(DType dtype, int dim) {
+  const std::size_t bytes = static_cast<std::size_t>(dim) * dtype_size(dtype);
+  return bytes % 16 == 0 && gather_kernel_for(static_cast<int>(bytes / 16)) != nullptr;
+}
+
+void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t stream) {
+  launch_kernel(select_kernel, dim3(static_cast<unsigned>(p.cluster * rows)), dim3(kSelectThreads), 0, stream,
+                LaunchAttributes{}.dependent(dependent).cluster(p.cluster), "indexer select_kernel", p);
+  if (p.a.kv == nullptr) return;
+  const IndexerArgs& a = p.a;
+  const int vectors = static_cast<int>(static_cast<std::size_t>(a.layout.head_dim) * dtype_size(a.layout.dtype) / 16);
+  const std::size_t bytes = static_cast<std::size_t>(rows) * 2 * a.layout.num_kv_heads * a.top_k * vectors * 16;
+  launch_kernel(gather_kernel_for(vectors),
+                dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(a.top_k, kGatherTokens))),
+                dim3(kGatherThreads), 0, stream,
+                LaunchAttributes{}.dependent(dependent).persisting(a.kv, bytes, a.kv_l2_hit_ratio),
+                "indexer gather_kernel", p);
 }
 
 bool select_dependent_launch_ready() {
-  return dependent_launch_ready(reinterpret_cast<const void*>(filter_kernel)) &&
-         dependent_launch_ready(reinterpret_cast<const void*>(finish_kernel));
+  return dependent_launch_ready(reinterpret_cast<const void*>(select_kernel)) &&
+         dependent_launch_ready(reinterpret_cast<const void*>(gather_kernel<16>));
 }
 
 }  // namespace indexer

@@ -8,7 +8,7 @@
 // in a CUDA graph stays valid while the contexts grow (up to the planned length).
 //
 // The workspace invariant (the one place it is stated): the counters in a plan's workspace (the
-// indexer's histograms and per-row counters, the attention's split tickets) are zero between
+// attention's split tickets; the indexer keeps its histograms in shared memory) are zero between
 // calls. The component zeroes the whole workspace when it adopts a plan (reserve, set_workspace,
 // or an automatic plan for an unreserved component); every kernel that raises a counter returns
 // it to zero before the call ends, for every row it touched. The layout never moves while the
@@ -61,12 +61,15 @@ struct IndexerPlan {
   std::int64_t stride = 0;        // positions per scores / candidates row
   std::size_t bytes = 0;          // workspace bytes
   bool dependent_launch = false;  // the select kernels launch as programmatic dependents (sm_90)
+  int cluster = 1;                // select CTAs per query row (a thread-block cluster when > 1)
 };
 /// Throws Error(capacity_exceeded) for bounds whose grids would not fit the launch limits. Sets
 /// the score kernels' shared-memory limits on the current device.
 IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim);
 /// Whether a score kernel exists for keys of `dtype` and `dim` (else select() is unsupported).
 bool indexer_supports(DType dtype, int dim);
+/// Whether select() can gather routed K/V rows (RoutingIndex::kv) of `head_dim` elements of `dtype`.
+bool routed_kv_supported(DType dtype, int head_dim);
 
 /// One select() of the indexer: scores, then top-k per query row.
 struct IndexerArgs {
@@ -90,7 +93,9 @@ struct IndexerArgs {
   std::int64_t counts_stride_b, counts_stride_t;
   std::int32_t* slots;  // [B, T, top_k] or nullptr: the routed positions' pool slots
   std::int64_t slots_stride_b, slots_stride_t;
-  RunStatus* status;  // device view of the component's status
+  void* kv;               // contiguous [B, T, 2, Hkv, top_k, head_dim] of layout.dtype, or nullptr
+  float kv_l2_hit_ratio;  // > 0: kv is written under a persisting L2 access-policy window
+  RunStatus* status;      // device view of the component's status
 };
 /// Enqueues the whole selection on `stream`; no allocation, no host synchronisation.
 void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* workspace, cudaStream_t stream);
@@ -132,10 +137,18 @@ struct AttentionArgs {
   std::int64_t counts_stride_b, counts_stride_t;
   const std::int32_t* slots;  // [B, T, top_k] or nullptr: pool slots of the positions (no page lookup)
   std::int64_t slots_stride_b, slots_stride_t;
+  const void* kv;         // contiguous [B, T, 2, Hkv, top_k, D] routed K/V rows, or nullptr (no block)
+  float kv_l2_hit_ratio;  // > 0: kv is read under a persisting L2 access-policy window
   int top_k;
   RunStatus* status;  // dense: sequences longer than the plan's span are reported and write zeros
 };
 void attention(const AttentionArgs& args, const AttentionPlan& plan, void* workspace, cudaStream_t stream);
+
+/// clsa::keep_routed_kv_in_l2 on the current device: sets its persisting-L2 limit; the bytes granted.
+std::size_t keep_routed_kv_in_l2(std::size_t bytes);
+/// Hit ratio of the persisting window over a routed K/V block of `bytes` on the current device:
+/// the carve-out granted by keep_routed_kv_in_l2 over the window (0: no window).
+float routed_kv_hit_ratio(std::size_t bytes);
 
 }  // namespace cuda_kernels
 }  // namespace clsa

@@ -239,6 +239,10 @@ void SparseCrossAttention::forward(const CacheBatch& batch, const RoutingIndex& 
   if (routing.slots.defined()) {
     detail::check_tensor(fn, "routing.slots", routing.slots, DType::i32, s.device, {sequences, tokens, routing.top_k});
   }
+  if (routing.kv.defined()) {
+    detail::check_routed_kv(fn, "routing.kv", routing.kv, batch.layout(), s.device, sequences, tokens, routing.top_k);
+    if (s.backend == Backend::cuda) detail::check_vector_aligned(fn, "routing.kv", routing.kv);
+  }
   if (s.backend == Backend::cpu) check_routing_values(fn, batch, routing, tokens);
   s.prepare(fn, static_cast<int>(sequences), tokens, routing.top_k, false, stream);
   s.forward(batch, &routing, q, out, lse, stream);

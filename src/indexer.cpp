@@ -29,19 +29,29 @@ struct CrossLayerIndexer::State {
   // [B, T, top_k], counts [B, T], slots [B, T, top_k]), then the backend's scratch. Bounds' span = max_length.
   detail::PlannedWorkspace planned;
   std::unique_ptr<detail::StatusReport> status;  // what kernels report after the fact (CUDA)
+  // gather_routed_kv(): whether select() fills RoutingIndex::kv, and the block's geometry.
+  bool gathers = false;
+  CacheConfig routed_kv{};
 
   struct Pieces {
     std::int32_t* positions;
     std::int32_t* counts;
     std::int32_t* slots;
-    void* scratch;  // the backend's
+    unsigned char* kv;  // [rows, 2, Hkv, top_k, head_dim] when gathering
+    void* scratch;      // the backend's
   };
+  std::size_t routed_kv_row_bytes() const {
+    if (!gathers) return 0;
+    return 2 * static_cast<std::size_t>(routed_kv.num_kv_heads) * static_cast<std::size_t>(config.top_k) *
+           static_cast<std::size_t>(routed_kv.head_dim) * dtype_size(routed_kv.dtype);
+  }
   Pieces carve(detail::Carver& carver, const detail::Bounds& bounds, std::size_t scratch_bytes) const {
     const std::size_t rows = static_cast<std::size_t>(bounds.sequences) * static_cast<std::size_t>(bounds.tokens);
     Pieces pieces{};
     pieces.positions = carver.take<std::int32_t>(rows * static_cast<std::size_t>(config.top_k));
     pieces.counts = carver.take<std::int32_t>(rows);
     pieces.slots = carver.take<std::int32_t>(rows * static_cast<std::size_t>(config.top_k));
+    pieces.kv = carver.take<unsigned char>(rows * routed_kv_row_bytes());
     pieces.scratch = carver.take<unsigned char>(scratch_bytes);
     return pieces;
   }
@@ -216,6 +226,10 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
     target.positions = TensorView(pieces.positions, DType::i32, {sequences, tokens, config.top_k}, device);
     target.counts = TensorView(pieces.counts, DType::i32, {sequences, tokens}, device);
     if (slots_fit) target.slots = TensorView(pieces.slots, DType::i32, {sequences, tokens, config.top_k}, device);
+    if (gathers) {
+      target.kv = TensorView(pieces.kv, routed_kv.dtype,
+                             {sequences, tokens, 2, routed_kv.num_kv_heads, config.top_k, routed_kv.head_dim}, device);
+    }
     *returned = target;
     out = &target;
   }
@@ -232,6 +246,15 @@ RoutingIndex CrossLayerIndexer::select(const CacheBatch& batch, const TensorView
   State& s = *state_;
   const detail::DeviceGuard guard(s.device);
   s.check_inputs(fn, batch, q_idx, head_weights);
+  const PagedCacheLayout& layout = batch.layout();
+  const CacheConfig& kv = s.routed_kv;
+  if (s.gathers &&
+      (layout.num_kv_heads != kv.num_kv_heads || layout.head_dim != kv.head_dim || layout.dtype != kv.dtype)) {
+    detail::fail(ErrorCode::shape_mismatch,
+                 detail::concat(fn, ": batch's cache has ", layout.num_kv_heads, " kv heads of head_dim ",
+                                layout.head_dim, " in ", dtype_name(layout.dtype), " but gather_routed_kv() planned ",
+                                kv.num_kv_heads, " of ", kv.head_dim, " in ", dtype_name(kv.dtype)));
+  }
   RoutingIndex returned;
   s.run(fn, batch, q_idx, head_weights, nullptr, &returned, stream);
   return returned;
@@ -256,7 +279,54 @@ void CrossLayerIndexer::select(const CacheBatch& batch, const TensorView& q_idx,
                                   " tokens has slots beyond int32; pass an index without slots"));
     }
   }
+  if (out.kv.defined()) {
+    const PagedCacheLayout& layout = batch.layout();
+    detail::check_routed_kv(fn, "out.kv", out.kv, layout, s.device, sequences, tokens, s.config.top_k);
+    const std::string unsupported = s.ops->routed_kv_unsupported(layout.dtype, layout.head_dim);
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": out.kv: ", unsupported));
+    if (s.backend == Backend::cuda) detail::check_vector_aligned(fn, "out.kv", out.kv);
+  }
   s.run(fn, batch, q_idx, head_weights, &out, nullptr, stream);
+}
+
+void CrossLayerIndexer::gather_routed_kv(const CacheConfig& cache, bool enabled) {
+  const char* fn = "CrossLayerIndexer::gather_routed_kv";
+  State& s = *state_;
+  CacheConfig next = s.routed_kv;
+  if (enabled) {
+    detail::check_positive(fn, "cache.num_kv_heads", cache.num_kv_heads);
+    detail::check_positive(fn, "cache.head_dim", cache.head_dim);
+    if (cache.dtype == DType::i32) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": cache.dtype is i32; the cache holds f32, f16 or bf16"));
+    }
+    const std::string unsupported = s.ops->routed_kv_unsupported(cache.dtype, cache.head_dim);
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
+    next.num_kv_heads = cache.num_kv_heads;
+    next.head_dim = cache.head_dim;
+    next.dtype = cache.dtype;
+  }
+  const detail::DeviceGuard guard(s.device);
+  const CacheConfig previous = s.routed_kv;
+  const bool previously = s.gathers;
+  s.routed_kv = next;
+  s.gathers = enabled;
+  if (s.planned.plan == nullptr) return;  // the first plan will carve it
+  try {
+    s.adopt(fn, s.planned.book.bounds(), s.planned.book.fixed(), {}, false);
+  } catch (...) {
+    s.routed_kv = previous;
+    s.gathers = previously;
+    throw;
+  }
+}
+
+bool CrossLayerIndexer::gathers_routed_kv() const {
+  return state_->gathers;
+}
+
+std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes) {
+  return detail::backend_of(device).keep_routed_kv_in_l2(device, bytes);
 }
 
 }  // namespace clsa

@@ -81,6 +81,15 @@ AttentionRun run_attention(test::CacheFixture& fixture, const AttentionCase& c, 
     REQUIRE(test::read_values(out_lookup) == test::read_values(out));
     const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
     const std::vector<std::int32_t> counts = test::read_ints(routing.counts);
+    // The same routing with its K/V rows gathered once (RoutingIndex::kv): the same bits.
+    indexer.gather_routed_kv(fixture.config);
+    const clsa::RoutingIndex gathered = indexer.select(batch, qi, w);
+    REQUIRE(gathered.kv.defined());
+    REQUIRE(test::read_ints(gathered.positions) == positions);
+    const clsa::Tensor out_gathered =
+        test::on_device(test::make_host(poison, c.dtype, {sequences, c.tokens, c.q_heads, c.dim}), backend);
+    attention.forward(batch, gathered, q, out_gathered);
+    REQUIRE(test::read_values(out_gathered) == test::read_values(out));
     for (std::int64_t row = 0; row < rows; ++row) {
       const auto first = positions.begin() + static_cast<std::ptrdiff_t>(row * c.top_k);
       std::vector<std::int32_t> routed(first, first + counts[static_cast<std::size_t>(row)]);

@@ -76,10 +76,12 @@ struct Components {
   clsa::CrossLayerIndexer indexer;
   clsa::SparseCrossAttention sparse;
   clsa::DenseCrossAttention dense;
-  explicit Components(clsa::Backend backend)
+  /// gather: the indexer gathers the routed K/V rows once per step (gather_routed_kv).
+  Components(clsa::Backend backend, bool gather)
       : indexer(loop_indexer_config(), backend),
         sparse(loop_attention_config(), backend),
         dense(loop_attention_config(), backend) {
+    if (gather) indexer.gather_routed_kv(loop_cache_config());
     indexer.reserve(kMaxBatch, kMaxTokens, kMaxLength);
     sparse.reserve(kMaxBatch, kMaxTokens, kTopK);
     dense.reserve(kMaxBatch, kMaxTokens, kMaxLength);
@@ -303,14 +305,14 @@ struct CapturedStep {
 };
 #endif
 
-void run_engine_loop(clsa::Backend backend) {
+void run_engine_loop(clsa::Backend backend, bool gather) {
   const bool on_cuda = backend == clsa::Backend::cuda;
   test::Rng rng(test::base_seed() + 80);
   Population population(backend, on_cuda);
   const clsa::Device device = population.cache.device();
-  Components components(backend);               // the engine's one set of components
-  std::unique_ptr<Components> twin_components;  // CUDA: the CPU reference twin
-  if (on_cuda) twin_components = std::make_unique<Components>(clsa::Backend::cpu);
+  Components components(backend, gather);       // the engine's one set of components
+  std::unique_ptr<Components> twin_components;  // CUDA: the CPU reference twin (reads the pool)
+  if (on_cuda) twin_components = std::make_unique<Components>(clsa::Backend::cpu, false);
   clsa::CacheBatch cpu_batch = population.cache.reserve_batch(kMaxBatch, kMaxLength);  // CPU backend
   clsa::CacheBatch twin_batch;
   std::map<std::pair<int, int>, std::unique_ptr<StepTensors>> eager_tensors;  // CPU backend, by (slots, T)
@@ -406,7 +408,7 @@ void run_engine_loop(clsa::Backend backend) {
 #endif
     // Fresh objects planned with the same bounds, eagerly on the same batch and inputs.
     {
-      Components fresh(backend);
+      Components fresh(backend, gather);
       StepTensors fresh_tensors(slots, tokens, device);
       upload(inputs, fresh_tensors);
 #if CLSA_TEST_WITH_CUDA
@@ -433,9 +435,24 @@ void run_engine_loop(clsa::Backend backend) {
       REQUIRE(result.positions == expected.positions);
       const test::Tolerance tolerance = test::output_tolerance(clsa::DType::bf16);
       for (int l = 0; l < kLayers; ++l) {
-        REQUIRE(test::tolerance_ratio(result.sparse[static_cast<std::size_t>(l)],
-                                      expected.sparse[static_cast<std::size_t>(l)], tolerance.atol,
-                                      tolerance.rtol) <= 1.0);
+        const std::vector<double>& got = result.sparse[static_cast<std::size_t>(l)];
+        const std::vector<double>& want = expected.sparse[static_cast<std::size_t>(l)];
+        // Name the worst query row, so that a failure says where to look.
+        std::size_t worst = 0;
+        double worst_error = -1.0;
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          const double error = std::abs(got[i] - want[i]);
+          if (!(error <= worst_error)) {
+            worst_error = error;
+            worst = i;
+          }
+        }
+        const std::size_t row = worst / (kQHeads * kHeadDim);
+        INFO("layer " << l << ", worst row " << row << " (slot " << row / static_cast<std::size_t>(tokens) << ", token "
+                      << row % static_cast<std::size_t>(tokens) << " of " << tokens << ", " << slots << " slots), head "
+                      << worst % (kQHeads * kHeadDim) / kHeadDim << ": routed count " << result.counts[row] << ", got "
+                      << got[worst] << ", want " << want[worst]);
+        REQUIRE(test::tolerance_ratio(got, want, tolerance.atol, tolerance.rtol) <= 1.0);
       }
       REQUIRE(test::tolerance_ratio(result.dense, expected.dense, tolerance.atol, tolerance.rtol) <= 1.0);
     }
@@ -456,10 +473,19 @@ void run_engine_loop(clsa::Backend backend) {
 }  // namespace
 
 TEST_CASE("engine loop: one set of components, changing batches, growing contexts (cpu)", "[engine_loop]") {
-  run_engine_loop(clsa::Backend::cpu);
+  run_engine_loop(clsa::Backend::cpu, false);
+}
+
+TEST_CASE("engine loop: the same with the routed K/V gathered once per step (cpu)", "[engine_loop]") {
+  run_engine_loop(clsa::Backend::cpu, true);
 }
 
 TEST_CASE("engine loop: one graph per batch bucket replayed while contexts grow (cuda)", "[engine_loop][cuda]") {
   CLSA_SKIP_WITHOUT_GPU();
-  run_engine_loop(clsa::Backend::cuda);
+  run_engine_loop(clsa::Backend::cuda, false);
+}
+
+TEST_CASE("engine loop: graphs over the routed K/V gathered once per step (cuda)", "[engine_loop][cuda]") {
+  CLSA_SKIP_WITHOUT_GPU();
+  run_engine_loop(clsa::Backend::cuda, true);
 }

@@ -453,3 +453,127 @@ CLSA_BACKEND_TEST(indexer_into_caller_tensors,
                      clsa::RoutingIndex{out_positions.view(), out_counts.view(), config.top_k, short_slots.view()}),
       clsa::ErrorCode::shape_mismatch, "out.slots");
 }
+
+TEST_CASE("CUDA and CPU indexers route the same set over long rows (clusters, several tiles per CTA)",
+          "[indexer][cuda]") {
+  CLSA_SKIP_WITHOUT_GPU();
+  const std::uint64_t seed = test::base_seed() + 17;
+  IndexerConfig config;
+  config.num_heads = 4;
+  config.index_dim = 64;
+  config.top_k = 2048;
+  config.sink_tokens = 4;
+  config.local_window = 64;
+  // 150000 positions: more than 16 CTAs of 8192 hold, so each CTA of a row streams two tiles; the
+  // short rows ride in the same launch (trivial and barely-selecting rows).
+  const std::vector<std::int64_t> lengths = {150000, 70001, 2100, 300};
+  const int tokens = 2;
+  clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 64);
+  cache.max_pages = test::pages_for(lengths, cache.page_size);
+  test::Rng cpu_rng(seed), cuda_rng(seed);
+  // Small integers: exact scores on both backends, with plateaus of equal (and zero) scores.
+  test::CacheFixture cpu_fixture(cache, clsa::Backend::cpu, lengths, cpu_rng, test::Values::small_integers);
+  test::CacheFixture cuda_fixture(cache, clsa::Backend::cuda, lengths, cuda_rng, test::Values::small_integers);
+  const IndexerRun on_cpu =
+      run_indexer(cpu_fixture, config, tokens, cpu_rng, QueryValues::small_integers, clsa::Backend::cpu);
+  const IndexerRun on_cuda =
+      run_indexer(cuda_fixture, config, tokens, cuda_rng, QueryValues::small_integers, clsa::Backend::cuda);
+  REQUIRE(on_cpu.q == on_cuda.q);
+  for (std::size_t row = 0; row < on_cpu.routed.size(); ++row) {
+    INFO("row " << row);
+    REQUIRE(on_cuda.routed[row].size() == on_cpu.routed[row].size());
+    REQUIRE(on_cpu.routed[row] == on_cuda.routed[row]);
+  }
+}
+
+CLSA_BACKEND_TEST(indexer_gathers_routed_kv, "gather_routed_kv: the index carries each routed token's K and V rows",
+                  "[indexer]") {
+  test::Rng rng(test::base_seed() + 18);
+  IndexerConfig config;
+  config.num_heads = 4;
+  config.index_dim = 64;
+  config.top_k = 40;
+  config.sink_tokens = 2;
+  config.local_window = 6;
+  const std::vector<std::int64_t> lengths = {700, 30, 1200};
+  const int tokens = 2;
+  clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 16);
+  cache.num_kv_heads = 2;
+  cache.max_pages = test::pages_for(lengths, cache.page_size);
+  test::CacheFixture fixture(cache, backend, lengths, rng);
+  const std::int64_t sequences = static_cast<std::int64_t>(lengths.size());
+  const IndexerInputs inputs = make_inputs(fixture, config, tokens, rng, QueryValues::gaussian, backend);
+  const clsa::CacheBatch batch = fixture.batch();
+  clsa::CrossLayerIndexer indexer(config, backend);
+  indexer.reserve(4, tokens, 2048);
+  CHECK_FALSE(indexer.gathers_routed_kv());
+  const std::size_t plain_bytes = indexer.workspace_bytes(4, tokens, 2048);
+  indexer.gather_routed_kv(cache);
+  REQUIRE(indexer.gathers_routed_kv());
+  // The block is part of the workspace: 2 x Hkv x top_k x D x 2 bytes per planned row.
+  CHECK(indexer.workspace_bytes(4, tokens, 2048) >= plain_bytes + 4 * tokens * 2 * 2 * 40 * 64 * 2);
+  const clsa::RoutingIndex routing = indexer.select(batch, inputs.q_tensor, inputs.w_tensor);
+  REQUIRE(routing.kv.defined());
+  REQUIRE(routing.kv.rank() == 6);
+  CHECK(routing.kv.size(2) == 2);
+  CHECK(routing.kv.size(3) == 2);
+  CHECK(routing.kv.size(4) == 40);
+  CHECK(routing.kv.size(5) == 64);
+  const std::vector<std::int32_t> positions = test::read_ints(routing.positions);
+  const std::vector<std::int32_t> counts = test::read_ints(routing.counts);
+  const std::vector<double> kv = test::read_values(routing.kv);
+  const std::size_t head_rows = 40 * 64;
+  auto check_block = [&](const std::vector<double>& block) {
+    for (std::int64_t b = 0; b < sequences; ++b) {
+      for (int t = 0; t < tokens; ++t) {
+        const std::size_t row = static_cast<std::size_t>(b * tokens + t);
+        const test::SequenceData& data = fixture.data[static_cast<std::size_t>(b)];
+        for (int i = 0; i < counts[row]; ++i) {
+          const std::size_t position = static_cast<std::size_t>(positions[row * 40 + static_cast<std::size_t>(i)]);
+          for (int h = 0; h < 2; ++h) {
+            for (int d = 0; d < 64; ++d) {
+              const std::size_t source =
+                  (position * 2 + static_cast<std::size_t>(h)) * 64 + static_cast<std::size_t>(d);
+              const std::size_t k_at = ((row * 2 + 0) * 2 + static_cast<std::size_t>(h)) * head_rows +
+                                       static_cast<std::size_t>(i) * 64 + static_cast<std::size_t>(d);
+              const std::size_t v_at = k_at + 2 * head_rows;
+              INFO("row " << row << " routed " << i << " position " << position << " head " << h << " dim " << d);
+              REQUIRE(block[k_at] == data.k[source]);
+              REQUIRE(block[v_at] == data.v[source]);
+            }
+          }
+        }
+      }
+    }
+  };
+  check_block(kv);
+  // Into caller tensors: the same rows (zeroed first: rows past the count are left as they are).
+  const clsa::Device device = test::device_of(backend);
+  const clsa::Tensor out_positions = clsa::Tensor::empty({sequences, tokens, 40}, DType::i32, device);
+  const clsa::Tensor out_counts = clsa::Tensor::empty({sequences, tokens}, DType::i32, device);
+  const clsa::Tensor out_kv = test::on_device(
+      test::make_host(std::vector<double>(static_cast<std::size_t>(sequences * tokens) * 2 * 2 * head_rows, 0.0),
+                      DType::bf16, {sequences, tokens, 2, 2, 40, 64}),
+      backend);
+  clsa::RoutingIndex out{out_positions.view(), out_counts.view(), 40};
+  out.kv = out_kv.view();
+  indexer.select(batch, inputs.q_tensor, inputs.w_tensor, out);
+  CHECK(test::read_ints(out_positions.view()) == positions);
+  check_block(test::read_values(out_kv.view()));
+  // A block of another shape or dtype is refused, naming it; so is a cache of another geometry.
+  const clsa::Tensor short_kv = clsa::Tensor::empty({sequences, tokens, 2, 2, 39, 64}, DType::bf16, device);
+  out.kv = short_kv.view();
+  CLSA_REQUIRE_ERROR(indexer.select(batch, inputs.q_tensor, inputs.w_tensor, out), clsa::ErrorCode::shape_mismatch,
+                     "out.kv");
+  const clsa::Tensor f16_kv = clsa::Tensor::empty({sequences, tokens, 2, 2, 40, 64}, DType::f16, device);
+  out.kv = f16_kv.view();
+  CLSA_REQUIRE_ERROR(indexer.select(batch, inputs.q_tensor, inputs.w_tensor, out), clsa::ErrorCode::dtype_mismatch,
+                     "out.kv");
+  clsa::CacheConfig other = cache;
+  other.num_kv_heads = 1;
+  indexer.gather_routed_kv(other);
+  CLSA_REQUIRE_ERROR(indexer.select(batch, inputs.q_tensor, inputs.w_tensor), clsa::ErrorCode::shape_mismatch,
+                     "gather_routed_kv");
+  indexer.gather_routed_kv(cache, false);
+  CHECK_FALSE(indexer.select(batch, inputs.q_tensor, inputs.w_tensor).kv.defined());
+}

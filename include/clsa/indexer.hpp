@@ -33,11 +33,21 @@ struct IndexerConfig {
 /// keep their pages (appends never move a token; an engine that remaps the pages of a wrapped pool
 /// selects again). An index the caller builds may leave it undefined: forward() then looks the
 /// pages up itself. Entries past counts[b,t] are unspecified.
+///
+/// kv (optional, contiguous [B, T, 2, Hkv, top_k, head_dim] of the cache's dtype): the routed
+/// tokens' K (kv[b,t,0]) and V (kv[b,t,1]) rows copied out of the pool, row i holding routed
+/// position i. select() fills it when asked (gather_routed_kv(), or an `out` that has it); every
+/// SparseCrossAttention::forward() over this index then reads K and V there, contiguously, instead
+/// of gathering the same rows from the pool once per layer. It is a copy: valid until the next
+/// select() into it (appends and compactions do not reach it). Rows past counts[b,t] are
+/// unspecified, and the CUDA kernels read (and discard) some of them ahead of the count, so a
+/// caller-owned kv must be initialised memory (zero it once).
 struct RoutingIndex {
   TensorView positions;
   TensorView counts;
   int top_k = 0;
-  TensorView slots{};  // last, so that RoutingIndex{positions, counts, top_k} leaves it undefined
+  TensorView slots{};  // after top_k, so that RoutingIndex{positions, counts, top_k} leaves it undefined
+  TensorView kv{};
 
   bool defined() const { return positions.defined(); }
   int num_sequences() const { return static_cast<int>(positions.size(0)); }
@@ -49,6 +59,15 @@ struct RoutingIndex {
 /// Query t of a sequence of length n sits at position n-T+t and sees positions 0..n-T+t. The
 /// sink_tokens first and local_window last visible positions are always routed; the rest are the
 /// highest scores, ties to the lower position, NaN below every finite score and -inf.
+/// Keeps the routed K/V blocks (RoutingIndex::kv) of every select() and forward() on `device` in
+/// the L2 cache between layers, as persisting lines in a carve-out of up to `bytes` (the device's
+/// persisting-L2 limit, a device-wide setting: this replaces whatever limit was set there, and the
+/// rest of the program has that much less L2). Blocks larger than the carve-out keep a part of
+/// their lines. 0 turns it off and releases the persisting lines. Returns the bytes granted (at
+/// most the device's maximum); 0 on the CPU. Takes effect for launches made (or graphs captured)
+/// after the call. Worth it for small batches whose block fits: the layers then read it from L2.
+std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes);
+
 class CrossLayerIndexer {
  public:
   explicit CrossLayerIndexer(const IndexerConfig& config, Backend backend = Backend::automatic);
@@ -95,9 +114,21 @@ class CrossLayerIndexer {
                       Stream stream = {});
   /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T], and
   /// slots int32 [B, T, top_k] when out.slots is defined; a pool of more than 2^31 token slots
-  /// refuses out.slots with Error(invalid_argument)).
+  /// refuses out.slots with Error(invalid_argument); kv, contiguous [B, T, 2, Hkv, top_k,
+  /// head_dim] of the cache's dtype, when out.kv is defined).
   void select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights, const RoutingIndex& out,
               Stream stream = {});
+
+  /// Opt-in for decoding steps: the index that select() returns also carries `kv`, the routed
+  /// tokens' K and V rows gathered once per step (RoutingIndex::kv), and every layer reads those
+  /// contiguously. The block lives in this indexer's workspace: 2 x Hkv x top_k x head_dim x
+  /// element bytes per query row of the plan (8 MiB per row for Hkv 8, top_k 2048, head_dim 128,
+  /// bf16). `cache` gives Hkv, head_dim and the dtype; a select() over a cache of another geometry
+  /// raises Error(shape_mismatch). Re-plans the workspace (set-up time, like reserve()); false
+  /// turns it off. Error(unsupported) where the backend cannot gather such rows.
+  void gather_routed_kv(const CacheConfig& cache, bool enabled = true);
+  /// Whether gather_routed_kv() is on.
+  bool gathers_routed_kv() const;
 
  private:
   struct State;

@@ -123,6 +123,10 @@ class ComputeBackend {
   virtual std::unique_ptr<Plan> plan_indexer(const IndexerConfig& config, const Bounds& bounds) const = 0;
   virtual void select(const IndexerConfig& config, const SelectCall& call, const Plan& plan, void* scratch,
                       StatusReport* status, Stream stream) const = 0;
+  /// Whether select() gathers routed K/V rows (RoutingIndex::kv) of `head_dim` elements of `dtype`.
+  virtual std::string routed_kv_unsupported(DType dtype, int head_dim) const = 0;
+  /// clsa::keep_routed_kv_in_l2 on one of this backend's devices; the bytes granted.
+  virtual std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes) const = 0;
 
   // Attention (sparse and dense).
   /// Every float dtype of the cache is supported where the configuration is.

@@ -91,5 +91,14 @@ void check_vector_aligned(const char* function, const char* name, const TensorVi
   }
 }
 
+void check_routed_kv(const char* function, const char* name, const TensorView& kv, const PagedCacheLayout& layout,
+                     Device device, std::int64_t sequences, std::int64_t tokens, int top_k) {
+  check_tensor(function, name, kv, layout.dtype, device,
+               {sequences, tokens, 2, layout.num_kv_heads, top_k, layout.head_dim});
+  if (!kv.is_contiguous()) {
+    fail(ErrorCode::shape_mismatch, concat(function, ": ", name, " is ", kv.describe(), "; it must be contiguous"));
+  }
+}
+
 }  // namespace detail
 }  // namespace clsa

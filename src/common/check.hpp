@@ -7,6 +7,7 @@
 #include <sstream>
 #include <string>
 
+#include "clsa/cache.hpp"
 #include "clsa/tensor.hpp"
 #include "clsa/types.hpp"
 
@@ -41,6 +42,11 @@ void check_tensor(const char* function, const char* name, const TensorView& tens
 /// Same, accepting any of f32, f16, bf16.
 void check_float_tensor(const char* function, const char* name, const TensorView& tensor, Device device,
                         std::initializer_list<std::int64_t> shape);
+
+/// RoutingIndex::kv (named `name`): contiguous [sequences, tokens, 2, Hkv, top_k, head_dim] of the
+/// cache's dtype on `device`.
+void check_routed_kv(const char* function, const char* name, const TensorView& kv, const PagedCacheLayout& layout,
+                     Device device, std::int64_t sequences, std::int64_t tokens, int top_k);
 
 /// For the CUDA kernels' 16-byte loads: the data pointer and every outer stride of `tensor`
 /// must be multiples of 16 bytes.

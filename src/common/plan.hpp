@@ -36,6 +36,7 @@ class PlanBook {
     fixed_ = fixed;
   }
   const Bounds& bounds() const { return bounds_; }
+  bool fixed() const { return fixed_; }
 
  private:
   Bounds bounds_{};

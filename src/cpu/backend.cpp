@@ -89,6 +89,9 @@ class CpuBackend final : public ComputeBackend {
               StatusReport* /*status*/, Stream /*stream*/) const override {
     select_cpu(config, call, plan, scratch);
   }
+  std::string routed_kv_unsupported(DType /*dtype*/, int /*head_dim*/) const override { return {}; }
+  // The host's caches are not steered from here.
+  std::size_t keep_routed_kv_in_l2(Device /*device*/, std::size_t /*bytes*/) const override { return 0; }
   std::string attention_unsupported(const AttentionConfig& /*config*/) const override { return {}; }
   std::unique_ptr<Plan> plan_attention(const AttentionConfig& config, const Bounds& bounds) const override {
     return plan_attention_cpu(config, bounds);

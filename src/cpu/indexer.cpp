@@ -1,6 +1,7 @@
 // The indexer on the CPU: scores for blocks of query rows over chunks of positions (one long
 // sequence still spreads over every thread), then an exact top-k per query row.
 #include <algorithm>
+#include <cstring>
 
 #include "backend/memory.hpp"
 #include "clsa/cpu/indexer.hpp"
@@ -16,6 +17,28 @@ namespace {
 
 constexpr int kRowBlock = 16;         // query rows scored together
 constexpr int kPositionChunk = 1024;  // positions per work item
+
+/// RoutingIndex::kv of query row (b, t): the K and V rows of its `count` routed positions, in
+/// routing order ([2][Hkv][top_k][head_dim], contiguous); rows past the count are left alone.
+void gather_routed_row(const PagedCacheLayout& layout, const PagedRows& paged, const std::int32_t* routed, int count,
+                       int top_k, const TensorView& kv, int b, int t) {
+  const std::size_t element = dtype_size(layout.dtype);
+  const std::size_t row_bytes = static_cast<std::size_t>(layout.head_dim) * element;
+  char* block =
+      static_cast<char*>(kv.data()) + (b * kv.stride(0) + t * kv.stride(1)) * static_cast<std::int64_t>(element);
+  const auto* k_pool = static_cast<const char*>(layout.k);
+  const auto* v_pool = static_cast<const char*>(layout.v);
+  for (int h = 0; h < layout.num_kv_heads; ++h) {
+    char* k_rows = block + (static_cast<std::size_t>(h) * top_k) * row_bytes;
+    char* v_rows = block + (static_cast<std::size_t>(layout.num_kv_heads + h) * top_k) * row_bytes;
+    for (int i = 0; i < count; ++i) {
+      std::memcpy(k_rows + static_cast<std::size_t>(i) * row_bytes,
+                  k_pool + paged.k_offset(layout, routed[i], h) * static_cast<std::int64_t>(element), row_bytes);
+      std::memcpy(v_rows + static_cast<std::size_t>(i) * row_bytes,
+                  v_pool + paged.v_offset(layout, routed[i], h) * static_cast<std::int64_t>(element), row_bytes);
+    }
+  }
+}
 
 /// The CPU indexer's scratch for its bounds: queries and weights widened to f32, the scores
 /// [rows, max_length], each worker's score scratch and routing-key scratch.
@@ -124,6 +147,9 @@ void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base
       for (int i = 0; i < count; ++i) slots[i] = static_cast<std::int32_t>(paged.pool_slot(routed[i]));
       std::fill(slots + count, slots + c.top_k, -1);
     }
+    if (out.kv.defined())
+      gather_routed_row(batch.layout, PagedRows{indices + indptr[b], page_shift_of(batch.layout.page_size)}, routed,
+                        count, c.top_k, out.kv, b, t);
   });
 }
 
