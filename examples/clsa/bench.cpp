@@ -367,6 +367,14 @@ int run_bench(const BenchOptions& options) {
   } else {
     std::printf("L2 evicted rows: off (--evict-l2-mb 0)\n");
   }
+  if (options.l2_persist_mb > 0) {
+    const std::size_t granted =
+        clsa::keep_routed_kv_in_l2(device, static_cast<std::size_t>(options.l2_persist_mb) << 20);
+    std::printf("routed K/V kept in a persisting L2 carve-out of %.1f MiB (asked %d MiB)\n",
+                static_cast<double>(granted) / (1 << 20), options.l2_persist_mb);
+  }
+  std::printf("routed K/V: %s\n", options.routed_kv ? "gathered once per step by the indexer (gather_routed_kv)"
+                                                    : "gathered from the pool by every layer");
   std::printf("x floor: time / (floor bytes / copy bandwidth)\n\n");
 
   std::vector<Row> rows;
@@ -410,9 +418,10 @@ int run_bench(const BenchOptions& options) {
       clsa::CrossLayerIndexer indexer(indexer_config, backend);
       clsa::SparseCrossAttention sparse(attention_config, backend);
       clsa::DenseCrossAttention dense(attention_config, backend);
+      if (options.routed_kv) indexer.gather_routed_kv(cache_config);
       indexer.reserve(batch, 1, context);
       sparse.reserve(batch, 1, options.top_k);
-      dense.reserve(batch, 1, context);
+      if (!options.no_baselines) dense.reserve(batch, 1, context);
       const clsa::Tensor q_idx =
           random_tensor({batch, 1, options.index_heads, options.index_dim}, options.dtype, device, rng);
       const clsa::Tensor weights = random_tensor({batch, 1, options.index_heads}, clsa::DType::f32, device, rng);
@@ -422,13 +431,21 @@ int run_bench(const BenchOptions& options) {
             random_tensor({batch, 1, options.q_heads, options.head_dim}, options.dtype, device, rng, 0.3f));
         outputs.push_back(clsa::Tensor::empty({batch, 1, options.q_heads, options.head_dim}, options.dtype, device));
       }
-      // The routing that attention-only timings use (one per replica, computed once).
-      std::vector<clsa::Tensor> routed_positions, routed_counts;
+      // The routing that attention-only timings use (one per replica, computed once), with what the
+      // step's own index carries: pool slots, and the routed K/V block when gathered.
+      std::vector<clsa::Tensor> routed_positions, routed_counts, routed_slots, routed_kv;
       std::vector<clsa::RoutingIndex> routings;
       for (int r = 0; r < replicas; ++r) {
         routed_positions.push_back(clsa::Tensor::empty({batch, 1, options.top_k}, clsa::DType::i32, device));
         routed_counts.push_back(clsa::Tensor::empty({batch, 1}, clsa::DType::i32, device));
-        routings.push_back(clsa::RoutingIndex{routed_positions.back(), routed_counts.back(), options.top_k});
+        routed_slots.push_back(clsa::Tensor::empty({batch, 1, options.top_k}, clsa::DType::i32, device));
+        clsa::RoutingIndex routing{routed_positions.back(), routed_counts.back(), options.top_k, routed_slots.back()};
+        if (options.routed_kv) {
+          routed_kv.push_back(clsa::Tensor::empty({batch, 1, 2, options.kv_heads, options.top_k, options.head_dim},
+                                                  options.dtype, device));
+          routing.kv = routed_kv.back();
+        }
+        routings.push_back(routing);
         indexer.select(views[static_cast<std::size_t>(r)], q_idx, weights, routings.back(), stream);
       }
       clsa::synchronize(stream);
@@ -472,25 +489,27 @@ int run_bench(const BenchOptions& options) {
       auto clsa_step = [&](int i) { clsa_step_with(i, false); };
       const double t_indexer = timer.seconds([&](int i) { indexer.select(view_of(i), q_idx, weights, stream); });
       const double t_sparse = timer.seconds([&](int i) { sparse_layer_with(i, false); });
+      const bool baselines = !options.no_baselines;
       const double t_dense_layer =
-          timer.seconds([&](int i) { dense.forward(view_of(i), queries[0], outputs[0], stream); });
+          baselines ? timer.seconds([&](int i) { dense.forward(view_of(i), queries[0], outputs[0], stream); }) : 0.0;
       const double t_clsa = timer.seconds(clsa_step);
       const double t_clsa_graph = timer.graph_seconds(replicas, clsa_step);
-      const double t_per_layer = timer.seconds([&](int i) { per_layer_step_with(i, false); });
-      const double t_dense = timer.seconds([&](int i) { dense_step_with(i, false); });
+      const double t_per_layer = baselines ? timer.seconds([&](int i) { per_layer_step_with(i, false); }) : 0.0;
+      const double t_dense = baselines ? timer.seconds([&](int i) { dense_step_with(i, false); }) : 0.0;
       const double clsa_best = t_clsa_graph > 0 ? std::min(t_clsa, t_clsa_graph) : t_clsa;
 
       const double clsa_bytes = index_bytes + L * sparse_bytes;
       const double per_layer_bytes = L * (index_bytes + sparse_bytes);
-      const std::vector<Row> block = {
+      std::vector<Row> all = {
           {"indexer (select)", context, batch, t_indexer, index_bytes, 0, 0},
           {"sparse layer", context, batch, t_sparse, sparse_bytes, 0, 0},
-          {"dense layer", context, batch, t_dense_layer, dense_bytes, 0, 0},
-          {"dense step", context, batch, t_dense, L * dense_bytes, 1.0, 0},
-          {"per-layer step", context, batch, t_per_layer, per_layer_bytes, t_dense / t_per_layer, 0},
-          {"clsa step", context, batch, t_clsa, clsa_bytes, t_dense / t_clsa, t_per_layer / t_clsa},
       };
-      std::vector<Row> all = block;
+      if (baselines) {
+        all.push_back({"dense layer", context, batch, t_dense_layer, dense_bytes, 0, 0});
+        all.push_back({"dense step", context, batch, t_dense, L * dense_bytes, 1.0, 0});
+        all.push_back({"per-layer step", context, batch, t_per_layer, per_layer_bytes, t_dense / t_per_layer, 0});
+      }
+      all.push_back({"clsa step", context, batch, t_clsa, clsa_bytes, t_dense / t_clsa, t_per_layer / t_clsa});
       if (t_clsa_graph > 0) {
         all.push_back({"clsa step (graph)", context, batch, t_clsa_graph, clsa_bytes, t_dense / t_clsa_graph,
                        t_per_layer / t_clsa_graph});
@@ -511,12 +530,17 @@ int run_bench(const BenchOptions& options) {
         const double e_clsa_graph =
             t_clsa_graph > 0 ? timer.graph_seconds(replicas, [&](int i) { clsa_step_with(i, true); }) - s_step_graph
                              : -1.0;
-        const double e_per_layer = timer.seconds([&](int i) { per_layer_step_with(i, true); }) - s_step;
-        const double e_dense = timer.seconds([&](int i) { dense_step_with(i, true); }) - s_step;
+        const double e_per_layer =
+            baselines ? timer.seconds([&](int i) { per_layer_step_with(i, true); }) - s_step : 0.0;
+        const double e_dense = baselines ? timer.seconds([&](int i) { dense_step_with(i, true); }) - s_step : 0.0;
+        std::printf("stand-in alone: %s per layer (eager), %s per step of %d (graph)\n", format_time(s_one).c_str(),
+                    format_time(s_step_graph).c_str(), L);
         all.push_back({"sparse layer (cold L2)", context, batch, e_sparse, sparse_bytes, 0, 0, s_one});
-        all.push_back({"dense step (L2 evicted)", context, batch, e_dense, L * dense_bytes, 1.0, 0, s_step});
-        all.push_back({"per-layer step (L2 evicted)", context, batch, e_per_layer, per_layer_bytes,
-                       e_dense / e_per_layer, 0, s_step});
+        if (baselines) {
+          all.push_back({"dense step (L2 evicted)", context, batch, e_dense, L * dense_bytes, 1.0, 0, s_step});
+          all.push_back({"per-layer step (L2 evicted)", context, batch, e_per_layer, per_layer_bytes,
+                         e_dense / e_per_layer, 0, s_step});
+        }
         all.push_back({"clsa step (L2 evicted)", context, batch, e_clsa, clsa_bytes, e_dense / e_clsa,
                        e_per_layer / e_clsa, s_step});
         if (t_clsa_graph > 0) {

@@ -102,6 +102,20 @@ int main(int argc, char** argv) {
                    "Rows named '(L2 evicted)'. 0: off")
       ->check(CLI::Range(0, 1 << 16))
       ->capture_default_str();
+  bench_command
+      ->add_option("--routed-kv", bench.routed_kv,
+                   "1: the indexer gathers the routed K/V rows once per step (gather_routed_kv) and every layer reads "
+                   "them contiguously; 0: every layer gathers from the pool")
+      ->check(CLI::Range(0, 1))
+      ->capture_default_str();
+  bench_command
+      ->add_option("--l2-persist-mb", bench.l2_persist_mb,
+                   "keep the routed K/V block in a persisting L2 carve-out of this many MiB (keep_routed_kv_in_l2, a "
+                   "device-wide setting; the stand-in runs under it too); 0: off")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  bench_command->add_flag("--no-baselines", bench.no_baselines,
+                          "time only the CLSA rows (no dense or per-layer-indexer steps)");
   bench_command->add_option("--json", bench.json, "also write the rows as JSON to this file");
   bench_command->add_option("--csv", bench.csv, "also write the rows as CSV to this file");
   bench_command->add_option("--seed", bench.seed, "random seed of the data")->capture_default_str();

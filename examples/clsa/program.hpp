@@ -32,8 +32,11 @@ struct BenchOptions {
   int index_dim = 128;
   int top_k = 2048;
   clsa::DType dtype = clsa::DType::bf16;
-  int iterations = 0;     // 0: 30 on a GPU, 3 on the CPU
-  int evict_l2_mb = 128;  // L2 evicted rows: MiB streamed by the feed-forward stand-in per layer; 0: off
+  int iterations = 0;         // 0: 30 on a GPU, 3 on the CPU
+  int evict_l2_mb = 128;      // L2 evicted rows: MiB streamed by the feed-forward stand-in per layer; 0: off
+  int routed_kv = 1;          // 1: the indexer gathers the routed K/V rows once per step (gather_routed_kv)
+  int l2_persist_mb = 0;      // > 0: keep_routed_kv_in_l2 with this many MiB
+  bool no_baselines = false;  // only the CLSA rows
   std::string json, csv;
   std::uint64_t seed = 1;
 };
