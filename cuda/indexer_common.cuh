@@ -46,7 +46,7 @@ struct SelectParams {
 };
 
 /// Length of sequence b as the plan sees it: one longer than the plan's max_length counts as
-/// empty (the finish kernel reports it), so no kernel reads or writes past the planned rows.
+/// empty (the select kernel reports it), so no kernel reads or writes past the planned rows.
 __device__ __forceinline__ int planned_length(const IndexerArgs& a, int b) {
   const int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
   return length <= a.max_length ? length : 0;
@@ -71,11 +71,10 @@ __device__ __forceinline__ float relu_keep_nan(float x) {
   return x < 0.0f ? 0.0f : x;
 }
 
-/// Launches the selection of one select() over `rows` query rows (and, when args.kv is set, the
-/// gather of the routed K/V rows), as programmatic dependents of the kernel before each when
-/// `dependent`.
+/// Launches the selection of one select() over `rows` query rows (as a programmatic dependent of
+/// the score pass when `dependent`) and, when args.kv is set, the gather of the routed K/V rows.
 void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t stream);
-/// Whether the selection kernels can run as programmatic dependents on the current device.
+/// Whether the select kernel can run as a programmatic dependent on the current device.
 bool select_dependent_launch_ready();
 /// CTAs per row of the select kernel for rows of up to `max_length` positions on the current
 /// device: a power of two up to kMaxCluster where thread-block clusters run (sm_90 code on a

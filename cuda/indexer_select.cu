@@ -348,8 +348,6 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
 /// before its stores). Entries past the row's count are left as they are.
 template <int kVectorsPerRow>
 __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) {
-  allow_dependents();
-  wait_for_predecessor();  // the routed positions and slots
   const IndexerArgs& a = p.a;
   const PagedCacheLayout& layout = a.layout;
   const int row = static_cast<int>(blockIdx.x);
@@ -485,8 +483,7 @@ void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t
 }
 
 bool select_dependent_launch_ready() {
-  return dependent_launch_ready(reinterpret_cast<const void*>(select_kernel)) &&
-         dependent_launch_ready(reinterpret_cast<const void*>(gather_kernel<16>));
+  return dependent_launch_ready(reinterpret_cast<const void*>(select_kernel));
 }
 
 }  // namespace indexer
