@@ -273,25 +273,31 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   }
   // Routed: keys whose top `known` bits exceed `prefix`, and the first `remaining` (in position
   // order) of those equal to it.
-  auto classify = [&](unsigned key, bool valid, bool* over, bool* tie) {
+  auto classify = [&](int i, bool* over, bool* tie) {
+    const unsigned key = tile.keys[i];
+    const bool valid = ((tile.valid >> i) & 1u) != 0;
     const unsigned top = known == 32 ? key : key >> (32 - known);
     *over = valid && top > prefix;
     *tie = valid && top == prefix;
   };
-  int tile_totals[2] = {0, 0};  // this CTA's keys above and ties (all tiles)
-  for (int index = 0; index < tiles; ++index) {
-    load_tile(index);
+  // This thread's keys above the threshold and ties in the tile, packed for one scan (each count
+  // stays below 2^16 per tile).
+  auto tile_counts = [&]() {
     int over_count = 0, tie_count = 0;
 #pragma unroll
     for (int i = 0; i < kSelectItems; ++i) {
       bool over, tie;
-      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
+      classify(i, &over, &tie);
       over_count += over ? 1 : 0;
       tie_count += tie ? 1 : 0;
     }
+    return over_count | (tie_count << 16);
+  };
+  int tile_totals[2] = {0, 0};  // this CTA's keys above and ties (all tiles)
+  for (int index = 0; index < tiles; ++index) {
+    load_tile(index);
     int unused = 0, total = 0;
-    // Both counts in one scan: each is below 2^16 per tile.
-    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(over_count | (tie_count << 16), unused, total);
+    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), unused, total);
     __syncthreads();
     tile_totals[0] += total & 0xffff;
     tile_totals[1] += total >> 16;
@@ -314,22 +320,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   }
   for (int index = 0; index < tiles; ++index) {
     load_tile(index);
-    int over_count = 0, tie_count = 0;
-#pragma unroll
-    for (int i = 0; i < kSelectItems; ++i) {
-      bool over, tie;
-      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
-      over_count += over ? 1 : 0;
-      tie_count += tie ? 1 : 0;
-    }
     int offsets = 0, total = 0;
-    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(over_count | (tie_count << 16), offsets, total);
+    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), offsets, total);
     int over_seen = over_before + (offsets & 0xffff);
     int ties_seen = ties_before + (offsets >> 16);
 #pragma unroll
     for (int i = 0; i < kSelectItems; ++i) {
       bool over, tie;
-      classify(tile.keys[i], ((tile.valid >> i) & 1u) != 0, &over, &tie);
+      classify(i, &over, &tie);
       if (over || (tie && ties_seen < remaining)) {
         out.put(plan.sink_end + over_seen + min(ties_seen, remaining), tile.first + i);
       }

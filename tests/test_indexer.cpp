@@ -128,6 +128,17 @@ IndexerConfig random_indexer_config(test::Rng& rng, int index_dim) {
   return config;
 }
 
+/// An indexer of `heads` x `dim` routing `top_k` (sinks and window inside it), scale 1.
+IndexerConfig indexer_config(int heads, int dim, int top_k, int sinks, int window) {
+  IndexerConfig config;
+  config.num_heads = heads;
+  config.index_dim = dim;
+  config.top_k = top_k;
+  config.sink_tokens = sinks;
+  config.local_window = window;
+  return config;
+}
+
 clsa::CacheConfig cache_config_for(const IndexerConfig& config, DType dtype, int page_size) {
   clsa::CacheConfig cache;
   cache.num_kv_heads = 1;
@@ -208,12 +219,7 @@ CLSA_BACKEND_TEST(indexer_ties_and_plateaus, "ties go to the lower position also
                   "[indexer]") {
   // All indexer keys equal except a few; negative query: every ReLU is 0 except at those few.
   test::Rng rng(test::base_seed() + 12);
-  IndexerConfig config;
-  config.num_heads = 2;
-  config.index_dim = 64;
-  config.top_k = 300;
-  config.sink_tokens = 2;
-  config.local_window = 5;
+  const IndexerConfig config = indexer_config(2, 64, 300, 2, 5);
   clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 16);
   const std::int64_t length = 5000;
   cache.max_pages = test::pages_for({length}, cache.page_size);
@@ -246,10 +252,7 @@ CLSA_BACKEND_TEST(indexer_ties_and_plateaus, "ties go to the lower position also
 CLSA_BACKEND_TEST(indexer_nan_scores, "NaN scores never crash and are never routed ahead of finite scores",
                   "[indexer]") {
   test::Rng rng(test::base_seed() + 13);
-  IndexerConfig config;
-  config.num_heads = 4;
-  config.index_dim = 64;
-  config.top_k = 64;
+  const IndexerConfig config = indexer_config(4, 64, 64, 0, 0);
   clsa::CacheConfig cache = cache_config_for(config, DType::f32, 32);
   const std::int64_t length = 700;
   cache.max_pages = test::pages_for({length, length}, cache.page_size);
@@ -296,12 +299,7 @@ CLSA_BACKEND_TEST(indexer_nan_scores, "NaN scores never crash and are never rout
 CLSA_BACKEND_TEST(indexer_routes_all_when_top_k_covers, "top_k >= visible length routes every visible token",
                   "[indexer]") {
   test::Rng rng(test::base_seed() + 14);
-  IndexerConfig config;
-  config.num_heads = 8;
-  config.index_dim = 128;
-  config.top_k = 512;
-  config.sink_tokens = 4;
-  config.local_window = 8;
+  const IndexerConfig config = indexer_config(8, 128, 512, 4, 8);
   const std::vector<std::int64_t> lengths = {1, 7, 300, 512, 515};
   clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 64);
   cache.max_pages = test::pages_for(lengths, cache.page_size);
@@ -317,12 +315,7 @@ CLSA_BACKEND_TEST(indexer_routes_all_when_top_k_covers, "top_k >= visible length
 
 CLSA_BACKEND_TEST(indexer_needle_at_64k, "a planted needle is routed at 64K tokens", "[indexer][needle]") {
   test::Rng rng(test::base_seed() + 15);
-  IndexerConfig config;
-  config.num_heads = 4;
-  config.index_dim = 64;
-  config.top_k = 64;
-  config.sink_tokens = 4;
-  config.local_window = 16;
+  const IndexerConfig config = indexer_config(4, 64, 64, 4, 16);
   const std::int64_t length = 65536;
   clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 64);
   cache.max_pages = test::pages_for({length}, cache.page_size);
@@ -409,12 +402,7 @@ TEST_CASE("CUDA and CPU indexers route the same set", "[indexer][cuda]") {
 CLSA_BACKEND_TEST(indexer_into_caller_tensors,
                   "select into caller tensors, with and without slots, equals the returned index", "[indexer]") {
   test::Rng rng(test::base_seed() + 14);
-  IndexerConfig config;
-  config.num_heads = 4;
-  config.index_dim = 64;
-  config.top_k = 48;
-  config.sink_tokens = 2;
-  config.local_window = 8;
+  const IndexerConfig config = indexer_config(4, 64, 48, 2, 8);
   const std::vector<std::int64_t> lengths = {700, 30, 1200};
   const int tokens = 2;
   clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 16);
@@ -458,12 +446,7 @@ TEST_CASE("CUDA and CPU indexers route the same set over long rows (clusters, se
           "[indexer][cuda]") {
   CLSA_SKIP_WITHOUT_GPU();
   const std::uint64_t seed = test::base_seed() + 17;
-  IndexerConfig config;
-  config.num_heads = 4;
-  config.index_dim = 64;
-  config.top_k = 2048;
-  config.sink_tokens = 4;
-  config.local_window = 64;
+  const IndexerConfig config = indexer_config(4, 64, 2048, 4, 64);
   // 150000 positions: more than 16 CTAs of 8192 hold, so each CTA of a row streams two tiles; the
   // short rows ride in the same launch (trivial and barely-selecting rows).
   const std::vector<std::int64_t> lengths = {150000, 70001, 2100, 300};
@@ -489,12 +472,7 @@ TEST_CASE("CUDA and CPU indexers route the same set over long rows (clusters, se
 CLSA_BACKEND_TEST(indexer_gathers_routed_kv, "gather_routed_kv: the index carries each routed token's K and V rows",
                   "[indexer]") {
   test::Rng rng(test::base_seed() + 18);
-  IndexerConfig config;
-  config.num_heads = 4;
-  config.index_dim = 64;
-  config.top_k = 40;
-  config.sink_tokens = 2;
-  config.local_window = 6;
+  const IndexerConfig config = indexer_config(4, 64, 40, 2, 6);
   const std::vector<std::int64_t> lengths = {700, 30, 1200};
   const int tokens = 2;
   clsa::CacheConfig cache = cache_config_for(config, DType::bf16, 16);
