@@ -7,8 +7,8 @@
 #include <utility>
 
 #include "backend/backend.hpp"
+#include "backend/component_core.hpp"
 #include "backend/memory.hpp"
-#include "backend/planned_workspace.hpp"
 #include "clsa/paged_view.hpp"
 #include "common/check.hpp"
 #include "common/plan.hpp"
@@ -17,19 +17,21 @@ namespace clsa {
 
 namespace {
 
-/// What sparse and dense attention share: configuration, device, plan, workspace.
-struct AttentionCore {
+/// What sparse and dense attention share: the component core (backend, plan, workspace, status)
+/// and the configuration with its softmax scale.
+struct AttentionCore : detail::ComponentCore {
   AttentionConfig config;
-  Backend backend = Backend::cpu;
-  Device device{};
-  const detail::ComputeBackend* ops = nullptr;
   float scale = 0.0f;
-  const char* span_name;  // "top_k" (sparse) or "max_length" (dense): the plan's span
-  detail::PlannedWorkspace planned;
-  std::unique_ptr<detail::StatusReport> status;  // dense: sequences beyond the plan (CUDA)
 
   AttentionCore(const char* fn, const AttentionConfig& c, Backend requested, const char* span)
-      : config(c), span_name(span) {
+      : ComponentCore(checked(fn, c, requested), span), config(c) {
+    scale = c.softmax_scale > 0.0f ? c.softmax_scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    const std::string unsupported = ops->attention_unsupported(c);
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
+  }
+
+  /// The configuration's checks, made before the backend is resolved; returns `requested`.
+  static Backend checked(const char* fn, const AttentionConfig& c, Backend requested) {
     detail::check_positive(fn, "config.num_q_heads", c.num_q_heads);
     detail::check_positive(fn, "config.num_kv_heads", c.num_kv_heads);
     detail::check_positive(fn, "config.head_dim", c.head_dim);
@@ -42,77 +44,29 @@ struct AttentionCore {
       detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": config.softmax_scale = ", c.softmax_scale,
                                                                "; it must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
     }
-    scale = c.softmax_scale > 0.0f ? c.softmax_scale : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-    backend = resolve_backend(requested);
-    device = backend_device(backend);
-    ops = &detail::compute_backend(backend);
-    const std::string unsupported = ops->attention_unsupported(c);
-    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
-    planned.workspace.set_device(device);
-    const detail::DeviceGuard guard(device);
-    status = ops->make_status_report();
+    return requested;
   }
 
-  /// The backend's plan for `bounds` and the workspace bytes it needs (nothing adopted).
-  std::unique_ptr<detail::Plan> make_plan(const detail::Bounds& bounds, std::size_t* bytes) const {
+  std::unique_ptr<detail::Plan> make_plan(const detail::Bounds& bounds, std::size_t* bytes) const override {
     std::unique_ptr<detail::Plan> next = ops->plan_attention(config, bounds);
     *bytes = next->workspace_bytes;
     return next;
   }
 
-  /// Bytes a plan for these bounds needs, made on the side (this object's plan stays).
-  std::size_t bytes(const char* fn, const detail::Bounds& bounds) const {
-    detail::check_bounds(fn, bounds, span_name);
-    const detail::DeviceGuard guard(device);
-    std::size_t needed = 0;
-    make_plan(bounds, &needed);
-    return needed;
-  }
-
-  /// All or nothing: a refused plan (bounds, caller memory) leaves the current one in place.
-  void adopt(const char* fn, const detail::Bounds& bounds, bool fixed, Stream stream, bool on_stream,
-             const detail::Workspace::External* external = nullptr) {
-    std::size_t needed = 0;
-    std::unique_ptr<detail::Plan> next = make_plan(bounds, &needed);
-    planned.adopt(fn, std::move(next), needed, bounds, fixed, stream, on_stream, external);
-  }
-
-  void reserve(const char* fn, const detail::Bounds& bounds) {
-    detail::check_bounds(fn, bounds, span_name);
-    const detail::DeviceGuard guard(device);
-    adopt(fn, bounds, true, {}, false);
-  }
-
-  void set_workspace(const char* fn, void* data, std::size_t bytes, const detail::Bounds& bounds) {
-    detail::check_bounds(fn, bounds, span_name);
-    const detail::DeviceGuard guard(device);
-    const detail::Workspace::External external{data, bytes};
-    adopt(fn, bounds, true, {}, false, &external);
-  }
-
   /// Plans (or checks against the plan) a call of `sequences` x `tokens` rows over `span`.
   void prepare(const char* fn, int sequences, int tokens, std::int64_t span, bool round_span, Stream stream) {
-    const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(span, 1)};
-    if (planned.book.needs_plan(fn, call, span_name))
-      adopt(fn, planned.book.grown(call, round_span), false, stream, true);
+    ComponentCore::prepare(fn, {sequences, tokens, std::max<std::int64_t>(span, 1)}, round_span, stream);
   }
 
-  void check_status(const char* fn) {
-    if (status) status->check(fn, "its rows were written as zeros");
-  }
+  void check_status(const char* fn) { ComponentCore::check_status(fn, "its rows were written as zeros"); }
 
   /// Checks shared by both: batch, q, out, lse; returns T.
   int check(const char* fn, const CacheBatch& batch, const TensorView& q, const TensorView& out,
             const TensorView& lse) {
     check_status(fn);
     const AttentionConfig& c = config;
-    if (batch.num_sequences() <= 0)
-      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
+    check_batch(fn, batch, "attention");
     const PagedCacheLayout& layout = batch.layout();
-    if (batch.device() != device) {
-      detail::fail(ErrorCode::device_mismatch, detail::concat(fn, ": batch lives on ", device_name(batch.device()),
-                                                              " but this attention computes on ", device_name(device)));
-    }
     if (layout.num_kv_heads != c.num_kv_heads || layout.head_dim != c.head_dim) {
       detail::fail(
           ErrorCode::shape_mismatch,
@@ -126,13 +80,7 @@ struct AttentionCore {
     detail::check_tensor(fn, "out", out, layout.dtype, device, {sequences, tokens, c.num_q_heads, c.head_dim});
     if (lse.defined()) detail::check_tensor(fn, "lse", lse, DType::f32, device, {sequences, tokens, c.num_q_heads});
     if (backend == Backend::cuda) detail::check_vector_aligned(fn, "q", q);
-    for (int b = 0; b < batch.num_sequences(); ++b) {
-      if (batch.length(b) > 0 && batch.length(b) < tokens) {
-        detail::fail(ErrorCode::invalid_argument,
-                     detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b),
-                                    " tokens, fewer than the T = ", tokens, " query tokens (an empty slot holds 0)"));
-      }
-    }
+    check_lengths(fn, batch, tokens, "an empty slot holds 0");
     return static_cast<int>(tokens);
   }
 

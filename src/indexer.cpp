@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "backend/backend.hpp"
+#include "backend/component_core.hpp"
 #include "backend/memory.hpp"
-#include "backend/planned_workspace.hpp"
 #include "common/check.hpp"
 #include "common/plan.hpp"
 
@@ -20,18 +20,40 @@ bool slots_fit_int32(const PagedCacheLayout& layout) {
 }
 }  // namespace
 
-struct CrossLayerIndexer::State {
+struct CrossLayerIndexer::State : detail::ComponentCore {
   IndexerConfig config;
-  Backend backend = Backend::cpu;
-  Device device{};
-  const detail::ComputeBackend* ops = nullptr;
   // One workspace holds everything: the RoutingIndex that select() returns (positions
-  // [B, T, top_k], counts [B, T], slots [B, T, top_k]), then the backend's scratch. Bounds' span = max_length.
-  detail::PlannedWorkspace planned;
-  std::unique_ptr<detail::StatusReport> status;  // what kernels report after the fact (CUDA)
+  // [B, T, top_k], counts [B, T], slots [B, T, top_k], the routed K/V block when gathering), then
+  // the backend's scratch. Bounds' span = max_length.
   // gather_routed_kv(): whether select() fills RoutingIndex::kv, and the block's geometry.
   bool gathers = false;
   CacheConfig routed_kv{};
+
+  State(const IndexerConfig& c, Backend requested)
+      : ComponentCore(checked("CrossLayerIndexer", c, requested), "max_length"), config(c) {}
+
+  /// The configuration's checks, made before the backend is resolved; returns `requested`.
+  static Backend checked(const char* fn, const IndexerConfig& config, Backend requested) {
+    detail::check_positive(fn, "config.num_heads", config.num_heads);
+    detail::check_positive(fn, "config.index_dim", config.index_dim);
+    detail::check_positive(fn, "config.top_k", config.top_k);
+    if (config.sink_tokens < 0 || config.local_window < 0) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": config.sink_tokens = ", config.sink_tokens,
+                                  ", config.local_window = ", config.local_window, "; both must be >= 0"));
+    }
+    if (std::int64_t{config.sink_tokens} + config.local_window > config.top_k) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": config.sink_tokens + config.local_window = ", config.sink_tokens, " + ",
+                                  config.local_window, " exceeds config.top_k = ", config.top_k,
+                                  " (they are counted inside top_k)"));
+    }
+    if (!(config.scale > 0.0f) || config.scale == std::numeric_limits<float>::infinity()) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": config.scale = ", config.scale, "; it must be finite and > 0"));
+    }
+    return requested;
+  }
 
   struct Pieces {
     std::int32_t* positions;
@@ -55,24 +77,14 @@ struct CrossLayerIndexer::State {
     pieces.scratch = carver.take<unsigned char>(scratch_bytes);
     return pieces;
   }
-  /// The backend's plan for `bounds` and the workspace bytes it needs (nothing adopted).
-  std::unique_ptr<detail::Plan> make_plan(const detail::Bounds& bounds, std::size_t* bytes) const {
+  std::unique_ptr<detail::Plan> make_plan(const detail::Bounds& bounds, std::size_t* bytes) const override {
     std::unique_ptr<detail::Plan> next = ops->plan_indexer(config, bounds);
     detail::Carver counter;
     carve(counter, bounds, next->workspace_bytes);
     *bytes = counter.used();
     return next;
   }
-  /// All or nothing: a refused plan (bounds, caller memory) leaves the current one in place.
-  void adopt(const char* fn, const detail::Bounds& bounds, bool fixed, Stream stream, bool on_stream,
-             const detail::Workspace::External* external = nullptr) {
-    std::size_t bytes = 0;
-    std::unique_ptr<detail::Plan> next = make_plan(bounds, &bytes);
-    planned.adopt(fn, std::move(next), bytes, bounds, fixed, stream, on_stream, external);
-  }
-  void check_status(const char* fn) {
-    if (status) status->check(fn, "its query rows routed nothing");
-  }
+  void check_status(const char* fn) { ComponentCore::check_status(fn, "its query rows routed nothing"); }
 
   /// Checks batch, q_idx and head_weights; returns T.
   int check_inputs(const char* fn, const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights);
@@ -81,35 +93,8 @@ struct CrossLayerIndexer::State {
            const RoutingIndex* out, RoutingIndex* returned, Stream stream);
 };
 
-CrossLayerIndexer::CrossLayerIndexer(const IndexerConfig& config, Backend backend) : state_(std::make_unique<State>()) {
-  const char* fn = "CrossLayerIndexer";
-  detail::check_positive(fn, "config.num_heads", config.num_heads);
-  detail::check_positive(fn, "config.index_dim", config.index_dim);
-  detail::check_positive(fn, "config.top_k", config.top_k);
-  if (config.sink_tokens < 0 || config.local_window < 0) {
-    detail::fail(ErrorCode::invalid_argument,
-                 detail::concat(fn, ": config.sink_tokens = ", config.sink_tokens,
-                                ", config.local_window = ", config.local_window, "; both must be >= 0"));
-  }
-  if (std::int64_t{config.sink_tokens} + config.local_window > config.top_k) {
-    detail::fail(ErrorCode::invalid_argument,
-                 detail::concat(fn, ": config.sink_tokens + config.local_window = ", config.sink_tokens, " + ",
-                                config.local_window, " exceeds config.top_k = ", config.top_k,
-                                " (they are counted inside top_k)"));
-  }
-  if (!(config.scale > 0.0f) || config.scale == std::numeric_limits<float>::infinity()) {
-    detail::fail(ErrorCode::invalid_argument,
-                 detail::concat(fn, ": config.scale = ", config.scale, "; it must be finite and > 0"));
-  }
-  State& s = *state_;
-  s.config = config;
-  s.backend = resolve_backend(backend);
-  s.device = backend_device(s.backend);
-  s.ops = &detail::compute_backend(s.backend);
-  s.planned.workspace.set_device(s.device);
-  const detail::DeviceGuard guard(s.device);
-  s.status = s.ops->make_status_report();
-}
+CrossLayerIndexer::CrossLayerIndexer(const IndexerConfig& config, Backend backend)
+    : state_(std::make_unique<State>(config, backend)) {}
 
 bool CrossLayerIndexer::supports(const IndexerConfig& config, DType cache_dtype, Backend backend, std::string* why) {
   std::string reason;
@@ -139,31 +124,16 @@ Device CrossLayerIndexer::device() const {
 }
 
 std::size_t CrossLayerIndexer::workspace_bytes(int max_sequences, int max_tokens, std::int64_t max_length) const {
-  const char* fn = "CrossLayerIndexer::workspace_bytes";
-  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
-  detail::check_bounds(fn, bounds, "max_length");
-  const detail::DeviceGuard guard(state_->device);
-  std::size_t bytes = 0;
-  state_->make_plan(bounds, &bytes);  // made on the side: this object's plan stays as it is
-  return bytes;
+  return state_->bytes("CrossLayerIndexer::workspace_bytes", {max_sequences, max_tokens, max_length});
 }
 
 void CrossLayerIndexer::set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens,
                                       std::int64_t max_length) {
-  const char* fn = "CrossLayerIndexer::set_workspace";
-  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
-  detail::check_bounds(fn, bounds, "max_length");
-  const detail::DeviceGuard guard(state_->device);
-  const detail::Workspace::External external{data, bytes};
-  state_->adopt(fn, bounds, true, {}, false, &external);
+  state_->set_workspace("CrossLayerIndexer::set_workspace", data, bytes, {max_sequences, max_tokens, max_length});
 }
 
 void CrossLayerIndexer::reserve(int max_sequences, int max_tokens, std::int64_t max_length) {
-  const char* fn = "CrossLayerIndexer::reserve";
-  const detail::Bounds bounds{max_sequences, max_tokens, max_length};
-  detail::check_bounds(fn, bounds, "max_length");
-  const detail::DeviceGuard guard(state_->device);
-  state_->adopt(fn, bounds, true, {}, false);
+  state_->reserve("CrossLayerIndexer::reserve", {max_sequences, max_tokens, max_length});
 }
 
 void CrossLayerIndexer::check_status() {
@@ -174,14 +144,8 @@ int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& bat
                                            const TensorView& head_weights) {
   check_status(fn);
   const IndexerConfig& c = config;
-  if (batch.num_sequences() <= 0) {
-    detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": batch is empty (no sequences)"));
-  }
+  check_batch(fn, batch, "indexer");
   const PagedCacheLayout& layout = batch.layout();
-  if (batch.device() != device) {
-    detail::fail(ErrorCode::device_mismatch, detail::concat(fn, ": batch lives on ", device_name(batch.device()),
-                                                            " but this indexer computes on ", device_name(device)));
-  }
   if (layout.index_dim != c.index_dim) {
     detail::fail(ErrorCode::shape_mismatch, detail::concat(fn, ": batch's cache has index_dim ", layout.index_dim,
                                                            " but config.index_dim = ", c.index_dim));
@@ -191,14 +155,7 @@ int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& bat
   detail::check_tensor(fn, "q_idx", q_idx, layout.dtype, device, {sequences, tokens, c.num_heads, c.index_dim});
   detail::check_positive(fn, "q_idx.size(1) (query tokens T)", tokens);
   detail::check_float_tensor(fn, "head_weights", head_weights, device, {sequences, tokens, c.num_heads});
-  for (int b = 0; b < batch.num_sequences(); ++b) {
-    if (batch.length(b) > 0 && batch.length(b) < tokens) {
-      detail::fail(
-          ErrorCode::invalid_argument,
-          detail::concat(fn, ": batch sequence ", b, " holds ", batch.length(b), " tokens, fewer than the T = ", tokens,
-                         " query tokens (append the query tokens' keys first; an empty slot holds 0)"));
-    }
-  }
+  check_lengths(fn, batch, tokens, "append the query tokens' keys first; an empty slot holds 0");
   const std::string unsupported = ops->indexer_unsupported(c, layout.dtype);
   if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
   if (backend == Backend::cuda && layout.dtype != DType::f32) detail::check_vector_aligned(fn, "q_idx", q_idx);
@@ -210,8 +167,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
                                    Stream stream) {
   const int tokens = static_cast<int>(q_idx.size(1));
   const int sequences = batch.num_sequences();
-  const detail::Bounds call{sequences, tokens, std::max<std::int64_t>(batch.max_length(), 1)};
-  if (planned.book.needs_plan(fn, call, "max_length")) adopt(fn, planned.book.grown(call, true), false, stream, true);
+  prepare(fn, {sequences, tokens, std::max<std::int64_t>(batch.max_length(), 1)}, true, stream);
   const detail::Bounds& bounds = planned.book.bounds();
   detail::Carver carver(planned.base);
   const Pieces pieces = carve(carver, bounds, planned.plan->workspace_bytes);
@@ -306,14 +262,12 @@ void CrossLayerIndexer::gather_routed_kv(const CacheConfig& cache, bool enabled)
     next.head_dim = cache.head_dim;
     next.dtype = cache.dtype;
   }
-  const detail::DeviceGuard guard(s.device);
   const CacheConfig previous = s.routed_kv;
   const bool previously = s.gathers;
   s.routed_kv = next;
   s.gathers = enabled;
-  if (s.planned.plan == nullptr) return;  // the first plan will carve it
   try {
-    s.adopt(fn, s.planned.book.bounds(), s.planned.book.fixed(), {}, false);
+    s.replan(fn);  // the block is part of the plan's workspace (an unplanned indexer carves it later)
   } catch (...) {
     s.routed_kv = previous;
     s.gathers = previously;
