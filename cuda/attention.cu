@@ -172,13 +172,13 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
   // positions outside the visible range.
   const int in_split = routed != nullptr ? min(plan.chunk, a.top_k - begin) : work.n;
   if (slots != nullptr) {
-    const int mask = (1 << p.page_shift) - 1;
     for (int i = threadIdx.x; i < in_split; i += Threads) {
       const int position = routed[begin + i];
       const int slot = slots[begin + i];
+      const PoolRow where = PoolRow::of_slot(slot, p.page_shift);
       const bool valid =
-          i < work.n && position >= 0 && position < visible && slot >= 0 && (slot >> p.page_shift) < a.layout.num_pages;
-      rows[i] = valid ? make_int2(slot >> p.page_shift, slot & mask) : make_int2(-1, 0);
+          i < work.n && position >= 0 && position < visible && slot >= 0 && where.page < a.layout.num_pages;
+      rows[i] = valid ? make_int2(static_cast<int>(where.page), static_cast<int>(where.offset)) : make_int2(-1, 0);
     }
     return work;
   }
@@ -336,11 +336,18 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   }
   __syncthreads();
 
-  const Elem* k_base = static_cast<const Elem*>(a.layout.k) + kv_head * a.layout.k_head_stride;
-  const Elem* v_base = static_cast<const Elem*>(a.layout.v) + kv_head * a.layout.v_head_stride;
-  auto load_row = [&](const Elem* base, std::int64_t page_stride, std::int64_t token_stride, int2 where, int c) {
-    return where.x >= 0 ? load_vector(base + where.x * page_stride + where.y * token_stride +
-                                      (c * S::kLanes + lane_in_group) * S::kPerVector)
+  // Vector c of this lane of the K or V row at (page, slot) `where` (zeros for a skipped row).
+  const int lane_elements = lane_in_group * S::kPerVector;
+  auto load_k = [&](int2 where, int c) {
+    return where.x >= 0 ? load_vector(static_cast<const Elem*>(a.layout.k) +
+                                      PoolRow{where.x, where.y}.k_offset(a.layout, kv_head) +
+                                      c * S::kLanes * S::kPerVector + lane_elements)
+                        : make_uint4(0, 0, 0, 0);
+  };
+  auto load_v = [&](int2 where, int c) {
+    return where.x >= 0 ? load_vector(static_cast<const Elem*>(a.layout.v) +
+                                      PoolRow{where.x, where.y}.v_offset(a.layout, kv_head) +
+                                      c * S::kLanes * S::kPerVector + lane_elements)
                         : make_uint4(0, 0, 0, 0);
   };
 
@@ -373,9 +380,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
     for (int j = 0; j < S::kTokens; ++j) {
 #pragma unroll
       for (int c = 0; c < S::kChunks; ++c) {
-        k_raw[j][c] = load_row(k_base, a.layout.k_page_stride, a.layout.k_token_stride, where[j], c);
+        k_raw[j][c] = load_k(where[j], c);
         if constexpr (kTogether) {
-          v_raw[j][c] = load_row(v_base, a.layout.v_page_stride, a.layout.v_token_stride, where[j], c);
+          v_raw[j][c] = load_v(where[j], c);
         }
       }
     }
@@ -469,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
         if constexpr (kTogether) {
           widen_vector<Elem>(v_raw[j][c], v);
         } else {
-          widen_vector<Elem>(load_row(v_base, a.layout.v_page_stride, a.layout.v_token_stride, where[j], c), v);
+          widen_vector<Elem>(load_v(where[j], c), v);
         }
 #pragma unroll
         for (int e = 0; e < S::kPerVector; ++e) {
@@ -587,8 +594,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
     work = split_rows<kMmaThreads>(p, rows);
     in_memory = work.n;
     __syncthreads();
-    k_base = static_cast<const Elem*>(a.layout.k) + kv_head * a.layout.k_head_stride + q * 8;
-    v_base = static_cast<const Elem*>(a.layout.v) + kv_head * a.layout.v_head_stride + g * kDimsPerRow;
+    k_base = static_cast<const Elem*>(a.layout.k) + q * 8;  // rows at PoolRow offsets below
+    v_base = static_cast<const Elem*>(a.layout.v) + g * kDimsPerRow;
   }
   const int n = work.n;
   const float logit_scale = a.scale * kLog2e;  // logits in log2 units: exp2f below
@@ -612,7 +619,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
       } else {
         const int2 where = index < n ? rows[index] : make_int2(-1, 0);
         k_loaded[j] = where.x >= 0;
-        k_offset[j] = k_loaded[j] ? where.x * a.layout.k_page_stride + where.y * a.layout.k_token_stride : 0;
+        k_offset[j] = k_loaded[j] ? PoolRow{where.x, where.y}.k_offset(a.layout, kv_head) : 0;
       }
     }
 #pragma unroll
@@ -625,7 +632,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
       } else {
         const int2 where = index < n ? rows[index] : make_int2(-1, 0);
         v_loaded[j] = v_routed[j] = where.x >= 0;
-        v_offset[j] = v_loaded[j] ? where.x * a.layout.v_page_stride + where.y * a.layout.v_token_stride : 0;
+        v_offset[j] = v_loaded[j] ? PoolRow{where.x, where.y}.v_offset(a.layout, kv_head) : 0;
       }
     }
     uint4 k_raw[2][kKVectors], v_raw[4][kVVectors];

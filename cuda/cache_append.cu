@@ -23,11 +23,11 @@ __global__ void append_tokens_kernel(WordArgs w) {
   const int token = blockIdx.x;
   const std::int64_t position = args.first_position + token;
   const int shift = page_shift_of(l.page_size);
-  const std::int64_t page = args.pages[(position >> shift) - args.first_page];
-  const std::int64_t slot = position & (l.page_size - 1);
-  auto* k_dst = static_cast<Word*>(const_cast<void*>(l.k)) + page * w.k_page + slot * w.k_token;
-  auto* v_dst = static_cast<Word*>(const_cast<void*>(l.v)) + page * w.v_page + slot * w.v_token;
-  auto* i_dst = static_cast<Word*>(const_cast<void*>(l.index_keys)) + page * w.i_page + slot * w.i_token;
+  // args.pages holds the sequence's pages from first_page on: positions relative to that page.
+  const PoolRow where = PagedRows{args.pages, shift}.row(position - (std::int64_t{args.first_page} << shift));
+  auto* k_dst = static_cast<Word*>(const_cast<void*>(l.k)) + where.page * w.k_page + where.offset * w.k_token;
+  auto* v_dst = static_cast<Word*>(const_cast<void*>(l.v)) + where.page * w.v_page + where.offset * w.v_token;
+  auto* i_dst = static_cast<Word*>(const_cast<void*>(l.index_keys)) + where.page * w.i_page + where.offset * w.i_token;
   const auto* k_src = static_cast<const Word*>(args.k) + token * w.k_src_token;
   const auto* v_src = static_cast<const Word*>(args.v) + token * w.v_src_token;
   const auto* i_src = static_cast<const Word*>(args.index_keys) + token * w.i_src_token;

@@ -388,13 +388,9 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) 
         const int head = (item / kVectorsPerRow) % heads;
         const int which = (item / (kVectorsPerRow * heads)) % 2;  // 0: K, 1: V
         const int token = item / (kVectorsPerRow * heads * 2);
-        const std::int64_t slot = pool_slots[token];
-        const std::int64_t page = slot >> p.page_shift;
-        const std::int64_t in_page = slot & ((std::int64_t{1} << p.page_shift) - 1);
+        const PoolRow where = PoolRow::of_slot(pool_slots[token], p.page_shift);
         const char* pool = static_cast<const char*>(which == 0 ? layout.k : layout.v);
-        const std::int64_t offset =
-            which == 0 ? page * layout.k_page_stride + in_page * layout.k_token_stride + head * layout.k_head_stride
-                       : page * layout.v_page_stride + in_page * layout.v_token_stride + head * layout.v_head_stride;
+        const std::int64_t offset = which == 0 ? where.k_offset(layout, head) : where.v_offset(layout, head);
         // L2 only (ld.global.cg): read once, and never from an L1 line an earlier kernel left
         // on this multiprocessor (appends rewrite the pages of departed sequences).
         values[u] = __ldcg(reinterpret_cast<const uint4*>(pool + offset * element + vector * 16));

@@ -11,6 +11,7 @@
 #include "backend/memory.hpp"
 #include "batch_storage.hpp"
 #include "clsa/cache.hpp"
+#include "clsa/paged_view.hpp"
 #include "common/check.hpp"
 
 namespace clsa {
@@ -22,12 +23,6 @@ struct SequenceState {
   std::int64_t length = 0;
   bool appending = false;
 };
-
-int log2_exact(std::int64_t x) {
-  int shift = 0;
-  while ((std::int64_t{1} << shift) < x) ++shift;
-  return shift;
-}
 
 }  // namespace
 
@@ -96,7 +91,7 @@ SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state
   s.config = config;
   s.backend = resolve_backend(backend);
   s.device = backend_device(s.backend);
-  s.page_shift = log2_exact(config.page_size);
+  s.page_shift = page_shift_of(config.page_size);
 
   const std::size_t element = dtype_size(config.dtype);
   const std::int64_t row = std::int64_t{config.num_kv_heads} * config.head_dim;
@@ -147,7 +142,7 @@ SharedKVCache SharedKVCache::wrap(const CacheConfig& requested, const PagedCache
   s.config = config;
   s.backend = pool.device.is_cuda() ? resolve_backend(Backend::cuda) : Backend::cpu;
   s.device = pool.device;
-  s.page_shift = log2_exact(config.page_size);
+  s.page_shift = page_shift_of(config.page_size);
   s.layout = pool;
   init_free_pages(s.free_pages, config.max_pages);
   return cache;

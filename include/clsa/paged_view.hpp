@@ -1,6 +1,6 @@
 // Paged-batch addressing, one definition for every path (host and device): a sequence's length
-// from FlashInfer/vLLM-style page tables, the positions a query token sees, and position ->
-// page -> row offsets in a PagedCacheLayout. Header-only; compiles as host code, and as
+// from FlashInfer/vLLM-style page tables, the positions a query token sees, and position (or pool
+// slot) -> page -> row offsets in a PagedCacheLayout. Header-only; compiles as host code, and as
 // __host__ __device__ code under nvcc.
 #pragma once
 
@@ -38,6 +38,27 @@ CLSA_HOST_DEVICE int page_shift_of(int page_size) {
   return shift;
 }
 
+/// A token's place in a pool: its page and its offset in that page (a pool slot, as in
+/// RoutingIndex::slots, is page * page_size + offset), and the element offsets of its rows.
+struct PoolRow {
+  std::int64_t page;
+  std::int64_t offset;
+
+  /// The place of pool slot `slot` in pages of 2^page_shift tokens.
+  CLSA_HOST_DEVICE static PoolRow of_slot(std::int64_t slot, int page_shift) {
+    return PoolRow{slot >> page_shift, slot & ((std::int64_t{1} << page_shift) - 1)};
+  }
+  CLSA_HOST_DEVICE std::int64_t k_offset(const PagedCacheLayout& l, int kv_head) const {
+    return page * l.k_page_stride + offset * l.k_token_stride + kv_head * l.k_head_stride;
+  }
+  CLSA_HOST_DEVICE std::int64_t v_offset(const PagedCacheLayout& l, int kv_head) const {
+    return page * l.v_page_stride + offset * l.v_token_stride + kv_head * l.v_head_stride;
+  }
+  CLSA_HOST_DEVICE std::int64_t index_offset(const PagedCacheLayout& l) const {
+    return page * l.index_page_stride + offset * l.index_token_stride;
+  }
+};
+
 /// One sequence's pages: position -> (page, slot) -> element offsets of its rows in a pool.
 struct PagedRows {
   const std::int32_t* pages;  // the sequence's page indices, in position order
@@ -51,14 +72,16 @@ struct PagedRows {
   CLSA_HOST_DEVICE std::int64_t pool_slot(std::int64_t position) const {
     return (page(position) << page_shift) + slot(position);
   }
+  /// Where `position` lives: its page and its offset in the page.
+  CLSA_HOST_DEVICE PoolRow row(std::int64_t position) const { return PoolRow{page(position), slot(position)}; }
   CLSA_HOST_DEVICE std::int64_t k_offset(const PagedCacheLayout& l, std::int64_t position, int kv_head) const {
-    return page(position) * l.k_page_stride + slot(position) * l.k_token_stride + kv_head * l.k_head_stride;
+    return row(position).k_offset(l, kv_head);
   }
   CLSA_HOST_DEVICE std::int64_t v_offset(const PagedCacheLayout& l, std::int64_t position, int kv_head) const {
-    return page(position) * l.v_page_stride + slot(position) * l.v_token_stride + kv_head * l.v_head_stride;
+    return row(position).v_offset(l, kv_head);
   }
   CLSA_HOST_DEVICE std::int64_t index_offset(const PagedCacheLayout& l, std::int64_t position) const {
-    return page(position) * l.index_page_stride + slot(position) * l.index_token_stride;
+    return row(position).index_offset(l);
   }
 };
 

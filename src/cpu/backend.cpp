@@ -6,6 +6,7 @@
 #include <new>
 #include <vector>
 
+#include "clsa/paged_view.hpp"
 #include "common/check.hpp"
 
 namespace clsa {
@@ -63,20 +64,18 @@ class CpuBackend final : public ComputeBackend {
     const auto* v_src = static_cast<const char*>(call.v.data());
     const auto* index_src = static_cast<const char*>(call.index_keys.data());
     const std::int64_t tokens = call.k.size(0);
+    const PagedRows pages{call.pages, call.page_shift};
+    const auto bytes_at = [element](std::int64_t elements) { return elements * static_cast<std::int64_t>(element); };
     for (std::int64_t t = 0; t < tokens; ++t) {
-      const std::int64_t position = call.first_position + t;
-      const std::int64_t page = call.pages[position >> call.page_shift];
-      const std::int64_t slot = position & (layout.page_size - 1);
+      const PoolRow where = pages.row(call.first_position + t);
       for (int h = 0; h < layout.num_kv_heads; ++h) {
-        std::memcpy(
-            k_pool + (page * layout.k_page_stride + slot * layout.k_token_stride + h * layout.k_head_stride) * element,
-            k_src + (t * call.k.stride(0) + h * call.k.stride(1)) * element, head_bytes);
-        std::memcpy(
-            v_pool + (page * layout.v_page_stride + slot * layout.v_token_stride + h * layout.v_head_stride) * element,
-            v_src + (t * call.v.stride(0) + h * call.v.stride(1)) * element, head_bytes);
+        std::memcpy(k_pool + bytes_at(where.k_offset(layout, h)),
+                    k_src + bytes_at(t * call.k.stride(0) + h * call.k.stride(1)), head_bytes);
+        std::memcpy(v_pool + bytes_at(where.v_offset(layout, h)),
+                    v_src + bytes_at(t * call.v.stride(0) + h * call.v.stride(1)), head_bytes);
       }
-      std::memcpy(index_pool + (page * layout.index_page_stride + slot * layout.index_token_stride) * element,
-                  index_src + t * call.index_keys.stride(0) * element, index_bytes);
+      std::memcpy(index_pool + bytes_at(where.index_offset(layout)),
+                  index_src + bytes_at(t * call.index_keys.stride(0)), index_bytes);
     }
   }
 
