@@ -54,11 +54,6 @@ struct RoutingIndex {
   int tokens() const { return static_cast<int>(positions.size(1)); }
 };
 
-/// Scores every visible cached token for every query token and keeps the top_k:
-///   score[b,t,s] = scale * sum_h w[b,t,h] * ReLU(q_idx[b,t,h,:] . k_idx[b,s,:])
-/// Query t of a sequence of length n sits at position n-T+t and sees positions 0..n-T+t. The
-/// sink_tokens first and local_window last visible positions are always routed; the rest are the
-/// highest scores, ties to the lower position, NaN below every finite score and -inf.
 /// Keeps the routed K/V blocks (RoutingIndex::kv) of every select() and forward() on `device` in
 /// the L2 cache between layers, as persisting lines in a carve-out of up to `bytes` (the device's
 /// persisting-L2 limit, a device-wide setting: this replaces whatever limit was set there, and the
@@ -68,6 +63,11 @@ struct RoutingIndex {
 /// after the call. Worth it for small batches whose block fits: the layers then read it from L2.
 std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes);
 
+/// Scores every visible cached token for every query token and keeps the top_k:
+///   score[b,t,s] = scale * sum_h w[b,t,h] * ReLU(q_idx[b,t,h,:] . k_idx[b,s,:])
+/// Query t of a sequence of length n sits at position n-T+t and sees positions 0..n-T+t. The
+/// sink_tokens first and local_window last visible positions are always routed; the rest are the
+/// highest scores, ties to the lower position, NaN below every finite score and -inf.
 class CrossLayerIndexer {
  public:
   explicit CrossLayerIndexer(const IndexerConfig& config, Backend backend = Backend::automatic);
