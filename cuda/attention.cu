@@ -879,11 +879,9 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
                   static_cast<unsigned>(splits.splits));
   const std::size_t shared = shared_bytes(splits, v.dim, v.groups_per_cta);
   if (args.kv != nullptr && args.positions != nullptr && v.block_kernel != nullptr) {
-    const std::size_t block_bytes =
-        static_cast<std::size_t>(rows) * 2 * args.kv_heads * args.top_k * args.dim * dtype_size(args.layout.dtype);
     launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
-                  LaunchAttributes{}.persisting(args.kv, block_bytes, args.kv_l2_hit_ratio), "attention_kernel (block)",
-                  params);
+                  LaunchAttributes{}.persisting(args.kv, args.kv_bytes, args.kv_l2_hit_ratio),
+                  "attention_kernel (block)", params);
     return;
   }
   v.kernel<<<grid, v.threads, shared, stream>>>(params);

@@ -156,6 +156,16 @@ void set_tables(Args& args, const BatchTables& batch) {
   args.num_sequences = batch.num_sequences;
 }
 
+/// The routed K/V block (RoutingIndex::kv), as the kernels' argument structs hold it: its data,
+/// size and the hit ratio of its persisting-L2 window (nothing when the view is undefined).
+template <class Args>
+void set_routed_kv(Args& args, const TensorView& kv) {
+  if (!kv.defined()) return;
+  args.kv = kv.data();
+  args.kv_bytes = static_cast<std::size_t>(kv.numel()) * dtype_size(kv.dtype());
+  args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(args.kv_bytes);
+}
+
 class CudaBackend final : public ComputeBackend {
  public:
   Backend kind() const override { return Backend::cuda; }
@@ -289,11 +299,7 @@ class CudaBackend final : public ComputeBackend {
       args.slots_stride_b = call.out.slots.stride(0);
       args.slots_stride_t = call.out.slots.stride(1);
     }
-    if (call.out.kv.defined()) {
-      args.kv = call.out.kv.data();
-      args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(static_cast<std::size_t>(call.out.kv.numel()) *
-                                                               dtype_size(call.out.kv.dtype()));
-    }
+    set_routed_kv(args, call.out.kv);
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
   }
@@ -354,11 +360,7 @@ class CudaBackend final : public ComputeBackend {
         args.slots_stride_b = routing.slots.stride(0);
         args.slots_stride_t = routing.slots.stride(1);
       }
-      if (routing.kv.defined()) {
-        args.kv = routing.kv.data();
-        args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(static_cast<std::size_t>(routing.kv.numel()) *
-                                                                 dtype_size(routing.kv.dtype()));
-      }
+      set_routed_kv(args, routing.kv);
     }
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::attention(args, static_cast<const AttentionPlanCuda&>(plan).kernels, scratch, stream.cuda());

@@ -467,12 +467,11 @@ void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t
   if (p.a.kv == nullptr) return;
   const IndexerArgs& a = p.a;
   const int vectors = static_cast<int>(static_cast<std::size_t>(a.layout.head_dim) * dtype_size(a.layout.dtype) / 16);
-  const std::size_t bytes = static_cast<std::size_t>(rows) * 2 * a.layout.num_kv_heads * a.top_k * vectors * 16;
   // An ordinary launch for now: the engine loop's CUDA-vs-CPU check failed with the gather as a
   // programmatic dependent (2026-12-07, not yet explained; see docs/performance.md).
   launch_kernel(gather_kernel_for(vectors),
                 dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(a.top_k, kGatherTokens))),
-                dim3(kGatherThreads), 0, stream, LaunchAttributes{}.persisting(a.kv, bytes, a.kv_l2_hit_ratio),
+                dim3(kGatherThreads), 0, stream, LaunchAttributes{}.persisting(a.kv, a.kv_bytes, a.kv_l2_hit_ratio),
                 "indexer gather_kernel", p);
 }
 

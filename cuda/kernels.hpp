@@ -58,9 +58,9 @@ void append_tokens(const AppendArgs& args, cudaStream_t stream);
 struct IndexerPlan {
   int max_sequences = 0, max_tokens = 0;
   std::int64_t max_length = 0;    // the longest sequence a call may hold
-  std::int64_t stride = 0;        // positions per scores / candidates row
+  std::int64_t stride = 0;        // positions per scores row
   std::size_t bytes = 0;          // workspace bytes
-  bool dependent_launch = false;  // the select kernels launch as programmatic dependents (sm_90)
+  bool dependent_launch = false;  // the select kernel launches as a programmatic dependent (sm_90)
   int cluster = 1;                // select CTAs per query row (a thread-block cluster when > 1)
 };
 /// Throws Error(capacity_exceeded) for bounds whose grids would not fit the launch limits. Sets
@@ -94,6 +94,7 @@ struct IndexerArgs {
   std::int32_t* slots;  // [B, T, top_k] or nullptr: the routed positions' pool slots
   std::int64_t slots_stride_b, slots_stride_t;
   void* kv;               // contiguous [B, T, 2, Hkv, top_k, head_dim] of layout.dtype, or nullptr
+  std::size_t kv_bytes;   // kv's size
   float kv_l2_hit_ratio;  // > 0: kv is written under a persisting L2 access-policy window
   RunStatus* status;      // device view of the component's status
 };
@@ -138,6 +139,7 @@ struct AttentionArgs {
   const std::int32_t* slots;  // [B, T, top_k] or nullptr: pool slots of the positions (no page lookup)
   std::int64_t slots_stride_b, slots_stride_t;
   const void* kv;         // contiguous [B, T, 2, Hkv, top_k, D] routed K/V rows, or nullptr (no block)
+  std::size_t kv_bytes;   // kv's size
   float kv_l2_hit_ratio;  // > 0: kv is read under a persisting L2 access-policy window
   int top_k;
   RunStatus* status;  // dense: sequences longer than the plan's span are reported and write zeros

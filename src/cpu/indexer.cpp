@@ -141,15 +141,13 @@ void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base
                                       c.sink_tokens, c.local_window, routed, key_scratch);
     std::fill(routed + count, routed + c.top_k, -1);
     routed_counts[b * out.counts.stride(0) + t * out.counts.stride(1)] = count;
+    const PagedRows paged{indices + indptr[b], page_shift_of(batch.layout.page_size)};
     if (out.slots.defined()) {
-      const PagedRows paged{indices + indptr[b], page_shift_of(batch.layout.page_size)};
       std::int32_t* slots = out.slots.data_as<std::int32_t>() + b * out.slots.stride(0) + t * out.slots.stride(1);
       for (int i = 0; i < count; ++i) slots[i] = static_cast<std::int32_t>(paged.pool_slot(routed[i]));
       std::fill(slots + count, slots + c.top_k, -1);
     }
-    if (out.kv.defined())
-      gather_routed_row(batch.layout, PagedRows{indices + indptr[b], page_shift_of(batch.layout.page_size)}, routed,
-                        count, c.top_k, out.kv, b, t);
+    if (out.kv.defined()) gather_routed_row(batch.layout, paged, routed, count, c.top_k, out.kv, b, t);
   });
 }
 
