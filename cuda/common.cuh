@@ -191,6 +191,11 @@ __device__ __forceinline__ void allow_dependents() {
 /// >= 9.0 and code built for sm_90 or later (a kernel JIT-compiled from older PTX has no
 /// griddepcontrol instructions, so it must not be launched early). Asked when a plan is made.
 bool dependent_launch_ready(const void* kernel);
+/// The largest power-of-two thread-block cluster, at most `most` CTAs (<= 16), that the current
+/// device can place for `kernel` with `threads` threads and `shared` bytes of dynamic shared
+/// memory; 1 where clusters are unavailable (below sm_90, or code JIT-compiled from sm_80 PTX).
+/// Sizes above 8 (non-portable) are enabled on the kernel when they fit. Asked when a plan is made.
+int largest_cluster(const void* kernel, int threads, std::size_t shared, int most);
 /// Attributes of one launch: programmatic serialization (a dependent of the kernel before it), a
 /// thread-block cluster shape, an L2 access-policy window that keeps a range as persisting lines.
 struct LaunchAttributes {
@@ -204,12 +209,12 @@ struct LaunchAttributes {
     ++count;
     return *this;
   }
-  LaunchAttributes& cluster(int x) {
-    if (x <= 1) return *this;
+  LaunchAttributes& cluster(int x, int y = 1, int z = 1) {
+    if (x * y * z <= 1) return *this;
     list[count].id = cudaLaunchAttributeClusterDimension;
     list[count].val.clusterDim.x = static_cast<unsigned>(x);
-    list[count].val.clusterDim.y = 1;
-    list[count].val.clusterDim.z = 1;
+    list[count].val.clusterDim.y = static_cast<unsigned>(y);
+    list[count].val.clusterDim.z = static_cast<unsigned>(z);
     ++count;
     return *this;
   }

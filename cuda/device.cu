@@ -54,6 +54,33 @@ bool dependent_launch_ready(const void* kernel) {
   return attributes.ptxVersion >= 90;
 }
 
+int largest_cluster(const void* kernel, int threads, std::size_t shared, int most) {
+  int cluster = 1;
+  while (cluster * 2 <= std::min(most, 16)) cluster *= 2;
+  if (cluster == 1 || !dependent_launch_ready(kernel)) return 1;
+  if (cluster > 8) {
+    detail::cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                       "cudaFuncSetAttribute (non-portable clusters)");
+  }
+  for (; cluster > 1; cluster /= 2) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(cluster));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = shared;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) break;
+    (void)cudaGetLastError();  // a size the device cannot place: try the next smaller one
+  }
+  return cluster;
+}
+
 void allow_shared_memory(const void* kernel, std::size_t bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mutex;

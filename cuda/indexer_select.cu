@@ -139,6 +139,35 @@ struct RowOutput {
     positions[i] = position;
     if (slots != nullptr) slots[i] = position >= 0 ? static_cast<std::int32_t>(paged.pool_slot(position)) : -1;
   }
+  /// Entries targets[i] (where >= 0) of positions first + i, first a multiple of N: every page
+  /// lookup is issued before the first store (one lookup when a page holds the N positions).
+  template <int N>
+  __device__ void put_run(const int (&targets)[N], int first) const {
+    if (slots != nullptr) {
+      std::int32_t pool_slots[N];
+      bool any = false;
+#pragma unroll
+      for (int i = 0; i < N; ++i) any = any || targets[i] >= 0;
+      if (any && (1 << paged.page_shift) >= N) {
+        const std::int64_t base = paged.pool_slot(first);
+#pragma unroll
+        for (int i = 0; i < N; ++i) pool_slots[i] = static_cast<std::int32_t>(base + i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          pool_slots[i] = targets[i] >= 0 ? static_cast<std::int32_t>(paged.pool_slot(first + i)) : -1;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (targets[i] >= 0) slots[targets[i]] = pool_slots[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (targets[i] >= 0) positions[targets[i]] = first + i;
+    }
+  }
 };
 
 /// One row's chunk of scores as a thread holds them for a pass: positions first + i (i <
@@ -294,11 +323,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     return over_count | (tie_count << 16);
   };
   int tile_totals[2] = {0, 0};  // this CTA's keys above and ties (all tiles)
+  int first_offsets = 0;        // this thread's place in the first tile's scan (all a resident CTA needs)
   for (int index = 0; index < tiles; ++index) {
     load_tile(index);
-    int unused = 0, total = 0;
-    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), unused, total);
+    int offsets = 0, total = 0;
+    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), offsets, total);
     __syncthreads();
+    if (index == 0) first_offsets = offsets;
     tile_totals[0] += total & 0xffff;
     tile_totals[1] += total >> 16;
   }
@@ -319,24 +350,26 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     ties_before += sh.peer_totals[q][1];
   }
   for (int index = 0; index < tiles; ++index) {
-    load_tile(index);
-    int offsets = 0, total = 0;
-    cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), offsets, total);
+    int offsets = first_offsets, total = 0;
+    if (!resident) {  // tiles streamed: scan each again (the first tile's scan is kept only when resident)
+      load_tile(index);
+      cub::BlockScan<int, kSelectThreads>(sh.scan).ExclusiveSum(tile_counts(), offsets, total);
+      __syncthreads();  // the scan storage is reused by the next tile
+    }
     int over_seen = over_before + (offsets & 0xffff);
     int ties_seen = ties_before + (offsets >> 16);
+    int targets[kSelectItems];  // where the thread's routed positions go in the row, or -1
 #pragma unroll
     for (int i = 0; i < kSelectItems; ++i) {
       bool over, tie;
       classify(i, &over, &tie);
-      if (over || (tie && ties_seen < remaining)) {
-        out.put(plan.sink_end + over_seen + min(ties_seen, remaining), tile.first + i);
-      }
+      targets[i] = over || (tie && ties_seen < remaining) ? plan.sink_end + over_seen + min(ties_seen, remaining) : -1;
       over_seen += over ? 1 : 0;
       ties_seen += tie ? 1 : 0;
     }
+    out.put_run(targets, tile.first);
     over_before += total & 0xffff;
     ties_before += total >> 16;
-    __syncthreads();  // the scan storage is reused by the next tile
   }
   group.sync();  // no CTA leaves while another may still read its shared memory
 }
@@ -426,34 +459,11 @@ GatherKernel gather_kernel_for(int vectors) {
 }  // namespace
 
 int plan_select_cluster(std::int64_t max_length) {
-  const std::int64_t wanted = ceil_div(std::max<std::int64_t>(max_length, 1), kSelectTile);
-  int cluster = 1;
-  while (cluster < kMaxCluster && cluster < wanted) cluster *= 2;
-  if (cluster == 1) return 1;
-  const void* kernel = reinterpret_cast<const void*>(select_kernel);
-  // Clusters need sm_90 hardware and sm_90 code (a kernel JIT-compiled from sm_80 PTX has none).
-  if (!dependent_launch_ready(kernel)) return 1;
-  if (cluster > 8) {
-    detail::cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                       "cudaFuncSetAttribute (indexer select clusters)");
-  }
-  // The largest cluster the device can place (a GPC may hold fewer multiprocessors than 16).
-  for (; cluster > 1; cluster /= 2) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(cluster), 1);
-    config.blockDim = dim3(kSelectThreads);
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, select_kernel, &config) == cudaSuccess && clusters > 0) break;
-    (void)cudaGetLastError();
-  }
-  return cluster;
+  // One tile per CTA where the cluster can be that large (a power of two: the bins split evenly).
+  const std::int64_t tiles = ceil_div(std::max<std::int64_t>(max_length, 1), kSelectTile);
+  int wanted = 1;
+  while (wanted < kMaxCluster && wanted < tiles) wanted *= 2;
+  return largest_cluster(reinterpret_cast<const void*>(select_kernel), kSelectThreads, 0, wanted);
 }
 
 bool gather_supported(DType dtype, int dim) {
