@@ -31,7 +31,7 @@ namespace indexer {
 namespace {
 
 constexpr int kLevels = 3;
-constexpr int kReduceLoads = kBins / kSelectThreads;  // remote histogram loads per thread and level
+constexpr int kReduceLoads = kBins / kSelectThreads;  // histogram bins per thread (the remote adds)
 constexpr int kGatherTokens = 8;                      // routed tokens per gather CTA
 constexpr int kGatherThreads = 256;
 
@@ -73,6 +73,22 @@ struct RowGroup {
 #endif
     __syncthreads();
   }
+  /// sync() in two halves: arrive() releases this thread's earlier writes, wait() blocks until
+  /// every thread of the row has arrived (and acquires their writes); work may go between.
+  __device__ void arrive() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+  }
+  __device__ void wait() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (size > 1) {
+      asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+      return;
+    }
+#endif
+    __syncthreads();
+  }
   /// `local`'s counterpart in the shared memory of CTA `peer` of the row.
   template <class T>
   __device__ T* peer(T* local, int peer_rank) const {
@@ -85,17 +101,19 @@ struct RowGroup {
 };
 
 struct SelectShared {
-  unsigned hist[kBins];     // this CTA's histogram of the level
-  unsigned reduced[kBins];  // the row's histogram, this CTA's slice of the bins
+  unsigned hist[kBins];              // this CTA's histogram of the level
+  unsigned reduced[kLevels][kBins];  // per level, the row's histogram: this CTA's slice of the bins
   cub::BlockScan<int, kSelectThreads>::TempStorage scan;
   int result[3];  // threshold search: bin, count above it, count in it
   int totals[2];  // this CTA's routed keys above the threshold and its ties
   int peer_totals[kMaxCluster][2];
 };
 
-/// The threshold bin of the row's histogram (every CTA's `reduced` slice, descending from the top
-/// bin): where the running count reaches `needed`. All threads get bin, above and in-bin counts.
-__device__ void find_threshold(SelectShared& sh, const RowGroup& group, int needed, int* bin, int* above, int* in_bin) {
+/// The threshold bin of the row's histogram of `level` (every CTA's `reduced` slice, descending from
+/// the top bin): where the running count reaches `needed`. All threads get bin, above and in-bin
+/// counts.
+__device__ void find_threshold(SelectShared& sh, const RowGroup& group, int level, int needed, int* bin, int* above,
+                               int* in_bin) {
   constexpr int kPerThread = kBins / kSelectThreads;
   const int bins_per_owner = kBins / group.size;
   int counts[kPerThread];  // bins in descending order: thread 0 holds the top ones
@@ -103,7 +121,7 @@ __device__ void find_threshold(SelectShared& sh, const RowGroup& group, int need
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int b = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
-    counts[i] = static_cast<int>(*group.peer(&sh.reduced[b], b / bins_per_owner));
+    counts[i] = static_cast<int>(*group.peer(&sh.reduced[level][b], b / bins_per_owner));
     local += counts[i];
   }
   if (threadIdx.x == 0) {
@@ -257,9 +275,19 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     if (!resident) tile.load(scores, chunk_begin + index * kSelectTile, lo, chunk_end);
   };
 
-  // Radix levels: `prefix` holds the threshold's top known_bits(level - 1) bits.
-  for (int i = threadIdx.x; i < kBins; i += kSelectThreads) sh.hist[i] = 0;
-  __syncthreads();
+  // Radix levels: `prefix` holds the threshold's top known_bits(level - 1) bits. Each CTA adds its
+  // histogram's nonzero bins into the owners' slices of the level's row histogram (remote atomics:
+  // the keys crowd into few bins), so one cluster barrier per level completes the row's histogram;
+  // every level has its own `reduced` (zeroed here, before the first barrier), so none is reused
+  // while a peer may still read it.
+  for (int i = threadIdx.x; i < kBins; i += kSelectThreads) {
+    sh.hist[i] = 0;
+#pragma unroll
+    for (int level = 0; level < kLevels; ++level) sh.reduced[level][i] = 0;
+  }
+  __syncthreads();  // this CTA's histogram is zeroed
+  group.arrive();   // and its `reduced`: the first level's remote adds wait for every CTA's
+  const int bins_per_owner = kBins / group.size;
   unsigned prefix = 0;
   int known = 0;
   int remaining = plan.needed;
@@ -273,28 +301,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
         add_to_histogram(sh.hist, level_digit(key, level), in_bin);
       }
     }
-    group.sync();  // every CTA's histogram is complete (and the previous level's `reduced` read)
-    // This CTA's slice of the bins summed over the row's CTAs: bins x peers = kBins loads per CTA,
-    // kReduceLoads per thread, all in flight at once (remote shared memory is ~a microsecond away).
-    const int bins_per_owner = kBins / group.size;
-    const int first_bin = group.rank * bins_per_owner;
-    for (int i = threadIdx.x; i < bins_per_owner; i += kSelectThreads) sh.reduced[first_bin + i] = 0;
-    unsigned partial[kReduceLoads];
+    __syncthreads();               // this CTA's histogram is complete
+    if (level == 0) group.wait();  // every CTA's `reduced` is zeroed
 #pragma unroll
     for (int k = 0; k < kReduceLoads; ++k) {
-      const int work = static_cast<int>(threadIdx.x) + k * kSelectThreads;
-      partial[k] = *group.peer(&sh.hist[first_bin + work % bins_per_owner], work / bins_per_owner);
+      const int bin = static_cast<int>(threadIdx.x) + k * kSelectThreads;
+      const unsigned count = sh.hist[bin];
+      sh.hist[bin] = 0;  // ready for the next level (only this thread reads or writes it until then)
+      if (count != 0) atomicAdd(group.peer(&sh.reduced[level][bin], bin / bins_per_owner), count);
     }
-    __syncthreads();  // the slice is zeroed
-#pragma unroll
-    for (int k = 0; k < kReduceLoads; ++k) {
-      const int work = static_cast<int>(threadIdx.x) + k * kSelectThreads;
-      if (partial[k] != 0) atomicAdd(&sh.reduced[first_bin + work % bins_per_owner], partial[k]);
-    }
-    group.sync();  // every slice is reduced; the CTAs' histograms are no longer read
-    for (int i = threadIdx.x; i < kBins; i += kSelectThreads) sh.hist[i] = 0;
+    group.sync();  // the row's histogram of this level is complete in its owners' slices
     int bin = 0, above = 0, in_bin = 0;
-    find_threshold(sh, group, remaining, &bin, &above, &in_bin);
+    find_threshold(sh, group, level, remaining, &bin, &above, &in_bin);
     remaining -= above;
     prefix = (prefix << (level == 2 ? 10 : 11)) | static_cast<unsigned>(bin);
     known = known_bits(level);
