@@ -218,6 +218,15 @@ class CudaBackend final : public ComputeBackend {
   void synchronize(Stream stream) const override {
     cuda_check(cudaStreamSynchronize(stream.cuda()), "cudaStreamSynchronize");
   }
+  bool capturing(Stream stream) const override {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    const cudaError_t status = cudaStreamIsCapturing(stream.cuda(), &capture);
+    // E.g. the legacy stream while another stream captures: not sticky, so keep it from being
+    // reported again by the next launch's check.
+    if (status != cudaSuccess) (void)cudaGetLastError();
+    cuda_check(status, "cudaStreamIsCapturing");
+    return capture == cudaStreamCaptureStatusActive;
+  }
   std::unique_ptr<TableUpload> make_table_upload(Device device, std::size_t entries) const override {
     const ScopedDevice scope(device);
     return std::make_unique<StagedTables>(entries);

@@ -95,6 +95,7 @@ struct AttentionCore : detail::ComponentCore {
     call.lse = lse;
     call.scale = scale;
     call.tokens = static_cast<int>(q.size(1));
+    note_capture(batch, stream);
     ops->attend(config, call, *planned.plan, planned.base, status.get(), stream);
   }
 };

@@ -26,6 +26,10 @@ BatchTables batch_tables(const CacheBatch& batch) {
   return tables;
 }
 
+void mark_captured(const CacheBatch& batch) {
+  if (batch.storage_) batch.storage_->captured = true;
+}
+
 }  // namespace detail
 
 void CacheBatch::point_at_tables(const std::int32_t* tables) {
@@ -46,6 +50,10 @@ std::int64_t CacheBatch::page_capacity() const {
 
 bool CacheBatch::fixed_capacity() const {
   return storage_ && storage_->fixed;
+}
+
+bool CacheBatch::captured() const {
+  return storage_ && storage_->captured;
 }
 
 void validate_layout(const char* what, const PagedCacheLayout& l) {
@@ -149,6 +157,16 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
       }
     }
   }
+  const bool captured = reuse.captured();
+  if (captured && reuse.storage_->upload) {
+    // Wrapping would drop the tables a graph reads (and free them, were `reuse` their last holder).
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": reuse holds page tables of a SharedKVCache that a CUDA graph captured (",
+                                reuse.num_sequences(), " sequences, capacity ", reuse.capacity(), " sequences and ",
+                                reuse.page_capacity(),
+                                " pages); they must not move while the graph lives: wrap into "
+                                "another CacheBatch"));
+  }
   // Host lengths in storage of the batch's own when it has some (a wrapped batch's, from an earlier
   // wrap: no allocation once it has held as many sequences), else in new storage.
   // Storage that must grow is replaced, never reallocated: copies of `reuse` keep theirs.
@@ -156,6 +174,7 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
       reuse.storage_->host_lengths.capacity() < static_cast<std::size_t>(count)) {
     reuse.storage_ = std::make_shared<detail::BatchStorage>();
     reuse.storage_->device = pool.device;
+    reuse.storage_->captured = captured;  // a graph may still read the engine tables it captured
   }
   std::vector<std::int32_t>& lengths = reuse.storage_->host_lengths;
   lengths.resize(static_cast<std::size_t>(count));

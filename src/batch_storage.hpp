@@ -19,7 +19,8 @@ namespace detail {
 /// their own: capacity 0, host lengths only.
 struct BatchStorage {
   Device device{};
-  bool fixed = false;  // reserve_batch: never grows
+  bool fixed = false;     // reserve_batch: never grows
+  bool captured = false;  // a CUDA graph holds the tables' addresses: they must not move
   int capacity = 0;
   std::size_t page_capacity = 0;
   std::vector<std::int32_t> host_lengths;  // [capacity]: lengths (wrapped batches: computed)

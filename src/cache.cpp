@@ -318,6 +318,13 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
                    detail::concat(fn, ": reuse was reserved for another cache (", device_name(target->device),
                                   ") or wraps engine tables"));
     }
+    if (target->captured) {
+      detail::fail(
+          ErrorCode::invalid_argument,
+          detail::concat(fn, ": reuse wraps engine tables or belongs to another cache (", device_name(target->device),
+                         "), and a CUDA graph captured calls over it: refilling it here would give it other "
+                         "tables than the graph reads. Refill a batch of this cache's reserve_batch instead"));
+    }
     target.reset();
   }
   // The staging buffer this refill writes, waited for (on CUDA: the copy two refills back)
@@ -343,6 +350,17 @@ void SharedKVCache::batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream 
                    detail::concat(fn, ": ", count, " sequences holding ", total_pages,
                                   " pages do not fit the batch reserved for ", target->capacity, " sequences and ",
                                   target->page_capacity, " pages (reserve_batch with larger bounds)"));
+    }
+    if (target && target->captured) {
+      // Growing gives the batch new tables and frees the old ones that the graph reads.
+      detail::fail(ErrorCode::capacity_exceeded,
+                   detail::concat(fn, ": ", count, " sequences holding ", total_pages,
+                                  " pages do not fit the batch's tables (capacity ", target->capacity,
+                                  " sequences and ", target->page_capacity,
+                                  " pages), and growing them would move them under the CUDA graph that captured "
+                                  "calls over the batch (its replays would read freed memory). Take batches that "
+                                  "graphs capture from SharedKVCache::reserve_batch(max_sequences, max_length): "
+                                  "their tables never move"));
     }
     // New tables, grown geometrically so that a decoding loop whose sequences cross pages soon
     // stops allocating; copies of `reuse` keep the old ones (as of their last refill).

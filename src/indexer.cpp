@@ -193,6 +193,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   select_call.head_weights = head_weights;
   select_call.out = *out;
   select_call.tokens = tokens;
+  note_capture(batch, stream);
   ops->select(config, select_call, *planned.plan, pieces.scratch, status.get(), stream);
 }
 

@@ -68,9 +68,14 @@ struct PagedCacheLayout {
   std::int64_t index_page_stride = 0, index_token_stride = 0;
 };
 
+class CacheBatch;
+
 namespace detail {
 struct BatchStorage;
-}
+/// Records that a CUDA graph is capturing a call that reads `batch`'s tables (src/batch.cpp;
+/// select() and forward() call it when their stream is capturing).
+void mark_captured(const CacheBatch& batch);
+}  // namespace detail
 
 /// Page tables that the host engine owns (the FlashInfer/vLLM paged layout): sequence b holds
 /// pages page_indices[page_indptr[b] .. page_indptr[b+1]), all full but the last, which holds
@@ -92,7 +97,8 @@ struct PageTableView {
 /// also kept on the host. Cheap to copy: copies share the tables, and a refill of one that fits
 /// them is seen by all (their num_sequences() and max_length() stay those of the refill they were
 /// copied after); a refill that must grow a batch gives it new tables and leaves its copies as
-/// they were. Tables of a reserve_batch() batch never grow.
+/// they were. Tables of a reserve_batch() batch never grow. Tables that a CUDA graph captured
+/// never move either (captured()): a refill that would grow them raises an Error instead.
 class CacheBatch {
  public:
   CacheBatch() = default;
@@ -102,6 +108,12 @@ class CacheBatch {
   int capacity() const;
   std::int64_t page_capacity() const;
   bool fixed_capacity() const;
+  /// Whether a CUDA graph captured a call that reads these tables: a select() or forward() over
+  /// the batch (or a copy sharing its tables) made while its stream was capturing. From then on
+  /// the tables never move, since the graph holds their addresses: a refill that fits writes
+  /// them in place, one that would grow them (or give the batch other tables) raises Error and
+  /// leaves the batch as it was. Stays set for the life of the tables. Never set on the CPU.
+  bool captured() const;
 
   const PagedCacheLayout& layout() const { return layout_; }
   Device device() const { return layout_.device; }
@@ -123,11 +135,14 @@ class CacheBatch {
   /// (Error on an inconsistent one); allocates the host lengths only. Engine memory must outlive
   /// the batch, and the tables must not change while kernels that use them are in flight.
   static CacheBatch wrap(const PagedCacheLayout& pool, const PageTableView& tables);
-  /// Same, refilling `reuse` (no allocation once it has held as many sequences).
+  /// Same, refilling `reuse` (no allocation once it has held as many sequences). A `reuse` that
+  /// holds a SharedKVCache's tables which a CUDA graph captured (captured()) raises
+  /// Error(invalid_argument): those tables must not be dropped while the graph lives.
   static void wrap(const PagedCacheLayout& pool, const PageTableView& tables, CacheBatch& reuse);
 
  private:
   friend class SharedKVCache;
+  friend void detail::mark_captured(const CacheBatch& batch);
   void point_at_tables(const std::int32_t* tables);
   PagedCacheLayout layout_{};
   int num_sequences_ = 0;
@@ -194,9 +209,13 @@ class SharedKVCache {
   /// sequences.size(), up to the capacity, are emptied too: a graph captured over B slots may be
   /// replayed after a refill with fewer sequences. A fixed-capacity batch (reserve_batch) that
   /// cannot hold them raises Error(capacity_exceeded) and is left as it was; any other batch
-  /// grows (geometrically: a decoding loop soon allocates nothing). On CUDA the tables are copied
-  /// on `stream` from pinned staging; two staging buffers take turns, so a refill waits at most
-  /// for the copy two refills back.
+  /// grows (geometrically: a decoding loop soon allocates nothing), except one that a CUDA graph
+  /// captured (reuse.captured()): growing would move the tables under the graph, whose replays
+  /// would then read freed memory, so such a refill raises Error(capacity_exceeded) naming
+  /// reserve_batch and leaves the batch as it was (a refill that fits is written in place). Give
+  /// every batch that a graph captures reserve_batch() bounds. On CUDA the tables are copied on
+  /// `stream` from pinned staging; two staging buffers take turns, so a refill waits at most for
+  /// the copy two refills back.
   void batch(Span<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const;
   void batch(std::initializer_list<SequenceId> sequences, CacheBatch& reuse, Stream stream = {}) const {
     batch(Span<SequenceId>(sequences.begin(), sequences.size()), reuse, stream);

@@ -110,6 +110,9 @@ class ComputeBackend {
   /// Copies between the host and this backend's devices (or within them), synchronously.
   virtual void copy(void* dst, const void* src, std::size_t bytes) const = 0;
   virtual void synchronize(Stream stream) const = 0;
+  /// Whether `stream` is capturing a CUDA graph now (one query of its capture status; false on a
+  /// backend without graphs).
+  virtual bool capturing(Stream stream) const = 0;
   virtual std::unique_ptr<TableUpload> make_table_upload(Device device, std::size_t entries) const = 0;
   /// Null when the backend has nothing to report after the fact.
   virtual std::unique_ptr<StatusReport> make_status_report() const = 0;

@@ -86,6 +86,13 @@ class ComponentCore {
       adopt(fn, planned.book.grown(call, round_span), false, stream, true);
   }
 
+  /// Marks `batch` as captured (CacheBatch::captured) when `stream` is capturing a CUDA graph:
+  /// the call about to be enqueued reads the batch's tables, so they must not move from now on.
+  /// One capture-status query per call.
+  void note_capture(const CacheBatch& batch, Stream stream) const {
+    if (ops->capturing(stream)) mark_captured(batch);
+  }
+
   /// Raises what kernels reported since the last check; `consequence` says what they did instead.
   void check_status(const char* fn, const char* consequence) {
     if (status) status->check(fn, consequence);

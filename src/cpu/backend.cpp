@@ -47,6 +47,7 @@ class CpuBackend final : public ComputeBackend {
   }
   void copy(void* dst, const void* src, std::size_t bytes) const override { std::memcpy(dst, src, bytes); }
   void synchronize(Stream /*stream*/) const override {}
+  bool capturing(Stream /*stream*/) const override { return false; }
   std::unique_ptr<TableUpload> make_table_upload(Device /*device*/, std::size_t entries) const override {
     return std::make_unique<HostTables>(entries);
   }
