@@ -24,21 +24,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "clsa/clsa.hpp"
-
-#if CLSA_EXAMPLE_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
+#include "cuda_support.hpp"
 
 namespace {
 
@@ -54,121 +51,6 @@ constexpr int kMaxTokens = 8;  // query tokens per sequence in one call (prefill
 constexpr std::int64_t kMaxRows = std::int64_t{kMaxSequences} * kMaxTokens;  // query rows of the largest step
 constexpr std::int64_t kQSize = std::int64_t{kQHeads} * kHeadDim;            // one row's q (or output)
 constexpr float kTolerance = 0.02f;
-
-#if CLSA_EXAMPLE_WITH_CUDA
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw clsa::Error(clsa::ErrorCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(status));
-  }
-}
-#endif
-
-/// The engine's stream: on CUDA every write to the pool, table refill, input copy and step goes on
-/// it, in order (graphs are captured from it and replayed on it); on the CPU copies are memcpy.
-class Lane {
- public:
-  explicit Lane(clsa::Device device) : device_(device) {
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-    }
-#endif
-  }
-  ~Lane() {
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-#endif
-  }
-  Lane(const Lane&) = delete;
-  Lane& operator=(const Lane&) = delete;
-
-  clsa::Stream stream() const {
-    return clsa::Stream(stream_);
-  }
-  CUstream_st* cuda_stream() const {
-    return stream_;
-  }
-
-  /// Host -> device memory, in stream order. The host buffer may be reused on return
-  /// (cudaMemcpyAsync stages pageable host memory before it returns).
-  void upload(void* target, const void* source, std::size_t bytes) {
-    if (bytes == 0) return;
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaMemcpyAsync(target, source, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (upload)");
-      return;
-    }
-#endif
-    std::memcpy(target, source, bytes);
-  }
-  /// Device memory -> host, after everything enqueued before it; returns once it is there.
-  void download(void* target, const void* source, std::size_t bytes) {
-    if (bytes == 0) return;
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync (download)");
-      wait();
-      return;
-    }
-#endif
-    std::memcpy(target, source, bytes);
-  }
-  /// Sets `bytes` of device memory to `value`, in stream order.
-  void fill(void* target, int value, std::size_t bytes) {
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaMemsetAsync(target, value, bytes, stream_), "cudaMemsetAsync");
-      return;
-    }
-#endif
-    std::memset(target, value, bytes);
-  }
-  void wait() {
-#if CLSA_EXAMPLE_WITH_CUDA
-    if (stream_ != nullptr) check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-#endif
-  }
-
- private:
-  clsa::Device device_;
-  CUstream_st* stream_ = nullptr;
-};
-
-#if CLSA_EXAMPLE_WITH_CUDA
-/// One captured step: capture() records what `enqueue` puts on the stream (nothing runs then);
-/// launch() replays it.
-class Graph {
- public:
-  Graph() = default;
-  ~Graph() {
-    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
-  }
-  Graph(const Graph&) = delete;
-  Graph& operator=(const Graph&) = delete;
-
-  template <class Enqueue>
-  void capture(cudaStream_t stream, Enqueue&& enqueue) {
-    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-    cudaGraph_t graph = nullptr;
-    try {
-      enqueue();
-    } catch (...) {
-      // Leave the stream out of capture mode before the error goes on.
-      (void)cudaStreamEndCapture(stream, &graph);
-      if (graph != nullptr) (void)cudaGraphDestroy(graph);
-      throw;
-    }
-    check_cuda(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-    const cudaError_t status = cudaGraphInstantiate(&exec_, graph, 0);
-    (void)cudaGraphDestroy(graph);
-    check_cuda(status, "cudaGraphInstantiate");
-  }
-  void launch(cudaStream_t stream) { check_cuda(cudaGraphLaunch(exec_, stream), "cudaGraphLaunch"); }
-
- private:
-  cudaGraphExec_t exec_ = nullptr;
-};
-#endif
 
 /// The engine's pool: [page][2 (K, V)][page_size][kv_heads][head_dim] and
 /// [page][page_size][index_dim], bf16, on the engine's device.
@@ -238,7 +120,7 @@ std::vector<clsa::bfloat16> random_bf16(std::mt19937_64& rng, std::size_t count)
 }
 
 /// The engine writes a token's K, V and indexer key into its own pool (on its stream).
-void write_token(EnginePool& pool, Sequence& seq, std::mt19937_64& rng, Lane& lane) {
+void write_token(EnginePool& pool, Sequence& seq, std::mt19937_64& rng, const cuda_support::OwnedStream& lane) {
   if (seq.length % kPageSize == 0) {
     if (pool.free_pages.empty()) throw std::runtime_error("engine: out of pages");
     seq.pages.push_back(pool.free_pages.back());
@@ -329,11 +211,10 @@ int main(int argc, char** argv) {
     const clsa::Backend backend = clsa::resolve_backend(backends.at(backend_name));
     const clsa::Device device = clsa::backend_device(backend);
     const bool on_cuda = device.is_cuda();
-#if !CLSA_EXAMPLE_WITH_CUDA
-    if (on_cuda) throw std::runtime_error("this embed_engine was built without the CUDA runtime");
-#endif
     std::mt19937_64 rng(seed);
-    Lane lane(device);
+    // The engine's stream: every write to the pool, table refill, input copy and step goes on it, in
+    // order (graphs are captured from it and replayed on it).
+    const cuda_support::OwnedStream lane(device);
     EnginePool pool(device, kMaxSequences * kMaxLength / kPageSize + kMaxSequences);
     const clsa::PagedCacheLayout layout = pool.layout();
 
@@ -386,14 +267,12 @@ int main(int argc, char** argv) {
       }
       return routing;
     };
-#if CLSA_EXAMPLE_WITH_CUDA
     // One captured step per (bucket, T), replayed whenever a step has that shape.
     struct CapturedStep {
-      Graph graph;
+      cuda_support::CapturedGraph graph;
       clsa::RoutingIndex routing;  // as select() returned it at capture; each replay rewrites it
     };
     std::map<std::pair<int, int>, std::unique_ptr<CapturedStep>> captured;
-#endif
 
     std::printf(
         "embed_engine on %s: engine-owned pool of %d pages (K/V interleaved per page), %d layers, continuous "
@@ -500,26 +379,26 @@ int main(int argc, char** argv) {
 
       clsa::RoutingIndex routing;
       bool captured_now = false;
-#if CLSA_EXAMPLE_WITH_CUDA
       if (on_cuda) {
         std::unique_ptr<CapturedStep>& step_graph = captured[{slots, tokens}];
         if (!step_graph) {
           step_graph = std::make_unique<CapturedStep>();
           CapturedStep& fresh = *step_graph;
-          fresh.graph.capture(lane.cuda_stream(), [&] { fresh.routing = enqueue_step(slots, tokens); });
+          fresh.graph =
+              cuda_support::CapturedGraph::capture(lane.stream(), [&] { fresh.routing = enqueue_step(slots, tokens); });
           captured_now = true;
           ++captures;
         }
-        step_graph->graph.launch(lane.cuda_stream());
+        step_graph->graph.replay(lane.stream());
         lane.wait();
         ++replays;
         // A replay makes no host checks: kernels that met a sequence beyond the plan report it here.
         indexer.check_status();
         dense.check_status();
         routing = step_graph->routing;
+      } else {
+        routing = enqueue_step(slots, tokens);
       }
-#endif
-      if (!on_cuda) routing = enqueue_step(slots, tokens);
 
       // ---- checks ----
       float step_worst = 0.0f;

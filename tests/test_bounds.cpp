@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "cuda_support.hpp"
+#include "fixtures.hpp"
 #include "support.hpp"
 
 #if CLSA_TEST_WITH_CUDA
@@ -27,69 +29,24 @@ using clsa::DType;
 using clsa::ErrorCode;
 using clsa::SequenceId;
 
-constexpr int kKvHeads = 2, kHeadDim = 64, kQHeads = 4;
-constexpr int kIndexHeads = 4, kIndexDim = 64;
-constexpr int kPageSize = 16;
+constexpr test::StepShape kShape{4, 2, 64, 4, 64, 16};  // Hq, Hkv, D, H_idx, D_idx, page size
+constexpr int kKvHeads = kShape.kv_heads, kHeadDim = kShape.head_dim, kQHeads = kShape.q_heads;
+constexpr int kIndexDim = kShape.index_dim, kPageSize = kShape.page_size;
 constexpr double kSoftmaxScale = 0.125;  // 1 / sqrt(kHeadDim): softmax_scale 0
 
-clsa::CacheConfig bounds_cache_config(std::int64_t max_pages) {
-  clsa::CacheConfig config;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  config.index_dim = kIndexDim;
-  config.page_size = kPageSize;
-  config.max_pages = max_pages;
-  config.dtype = DType::bf16;
-  return config;
-}
-
 clsa::IndexerConfig bounds_indexer_config(int top_k) {
-  clsa::IndexerConfig config;
-  config.num_heads = kIndexHeads;
-  config.index_dim = kIndexDim;
-  config.top_k = top_k;
-  config.sink_tokens = 1;
-  config.local_window = 2;
-  config.scale = 1.0f;
-  return config;
-}
-
-clsa::AttentionConfig bounds_attention_config() {
-  clsa::AttentionConfig config;
-  config.num_q_heads = kQHeads;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  return config;
+  return kShape.indexer_config(top_k, /*sink_tokens*/ 1, /*local_window*/ 2);
 }
 
 std::size_t index(std::int64_t i) {
   return static_cast<std::size_t>(i);
 }
 
-/// One step's inputs for B sequences x T query tokens: the values as stored (rounded to their
-/// dtypes, row-major) for the oracle, and tensors holding them on the device.
-struct StepInputs {
-  int sequences = 0, tokens = 0;
-  std::vector<double> q_idx, weights, q;
-  clsa::Tensor q_idx_t, weights_t, q_t;
-};
+using test::StepInputs;
 
+/// One step's inputs (one layer) on `device`.
 StepInputs make_inputs(int sequences, int tokens, test::Rng& rng, clsa::Device device) {
-  StepInputs in;
-  in.sequences = sequences;
-  in.tokens = tokens;
-  const std::int64_t rows = std::int64_t{sequences} * tokens;
-  in.q_idx.resize(index(rows * kIndexHeads * kIndexDim));
-  in.weights.resize(index(rows * kIndexHeads));
-  in.q.resize(index(rows * kQHeads * kHeadDim));
-  for (double& x : in.q_idx) x = rng.uniform(-2, 2);  // small integers: exact scores on every backend
-  for (double& x : in.weights) x = rng.uniform(1, 3);
-  for (double& x : in.q) x = test::round_to(DType::bf16, 0.3 * rng.normal());
-  auto there = [&](const clsa::Tensor& host) { return device.is_cpu() ? host : host.to(device); };
-  in.q_idx_t = there(test::make_host(in.q_idx, DType::bf16, {sequences, tokens, kIndexHeads, kIndexDim}));
-  in.weights_t = there(test::make_host(in.weights, DType::f32, {sequences, tokens, kIndexHeads}));
-  in.q_t = there(test::make_host(in.q, DType::bf16, {sequences, tokens, kQHeads, kHeadDim}));
-  return in;
+  return test::random_step_inputs(kShape, sequences, tokens, rng, device);
 }
 
 /// Caller-owned outputs of one step (routing, sparse and dense attention) on a device.
@@ -130,17 +87,6 @@ void poison(const clsa::Tensor& tensor) {
 /// get zeros (an empty slot, or a sequence beyond the plan in a graph replay).
 using Slots = std::vector<const test::SequenceData*>;
 
-/// The oracle's routed set of query row (b, t).
-std::vector<std::int32_t> oracle_row(const test::SequenceData& sequence, const StepInputs& in, int b, int t,
-                                     const clsa::IndexerConfig& ic) {
-  const std::size_t row = index(std::int64_t{b} * in.tokens + t);
-  const std::int64_t visible = sequence.length - in.tokens + t + 1;
-  const std::vector<double> scores =
-      test::oracle_scores(sequence, kIndexDim, in.q_idx.data() + row * kIndexHeads * kIndexDim,
-                          in.weights.data() + row * kIndexHeads, kIndexHeads, visible, ic.scale);
-  return test::oracle_routing(scores, ic.top_k, ic.sink_tokens, ic.local_window);
-}
-
 /// Routing against the oracle (exact data: the very same sets), -1 padding, count 0 for null slots.
 void require_routing(const std::vector<std::int32_t>& positions, const std::vector<std::int32_t>& counts,
                      const Slots& slots, const StepInputs& in, const clsa::IndexerConfig& ic) {
@@ -150,7 +96,7 @@ void require_routing(const std::vector<std::int32_t>& positions, const std::vect
     for (int t = 0; t < in.tokens; ++t) {
       const std::size_t row = b * index(in.tokens) + index(t);
       std::vector<std::int32_t> expected;
-      if (slots[b] != nullptr) expected = oracle_row(*slots[b], in, static_cast<int>(b), t, ic);
+      if (slots[b] != nullptr) expected = in.oracle_row(*slots[b], static_cast<int>(b), t, ic);
       INFO("slot " << b << ", token " << t << ": routing vs the oracle");
       REQUIRE(counts[row] == static_cast<std::int32_t>(expected.size()));
       expected.resize(index(ic.top_k), -1);
@@ -188,14 +134,14 @@ void require_attention(const std::vector<double>& out, const std::vector<double>
       }
       std::vector<std::int32_t> attended;
       if (ic != nullptr) {
-        attended = oracle_row(*slots[b], in, static_cast<int>(b), t, *ic);
+        attended = in.oracle_row(*slots[b], static_cast<int>(b), t, *ic);
       } else {
         attended.resize(index(slots[b]->length - in.tokens + t + 1));
         std::iota(attended.begin(), attended.end(), 0);
       }
       REQUIRE(!attended.empty());
       std::vector<double> expected(head_values), expected_lse(index(kQHeads));
-      test::oracle_attention(*slots[b], attended, in.q.data() + row * head_values, kQHeads, kKvHeads, kHeadDim,
+      test::oracle_attention(*slots[b], attended, in.q[0].data() + row * head_values, kQHeads, kKvHeads, kHeadDim,
                              kSoftmaxScale, expected.data(), expected_lse.data());
       REQUIRE(test::tolerance_ratio(got, expected, tolerance.atol, tolerance.rtol) <= 1.0);
       REQUIRE(test::tolerance_ratio(got_lse, expected_lse, 2e-3, 2e-3) <= 1.0);
@@ -232,7 +178,7 @@ CLSA_BACKEND_TEST(indexer_beyond_plan, "bounds: an indexer call beyond its plan 
                   "[bounds]") {
   test::Rng rng(test::base_seed() + 900);
   const std::vector<std::int64_t> lengths = {40, 64, 90, 30};
-  test::CacheFixture fixture(bounds_cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
+  test::CacheFixture fixture(kShape.cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
                              test::Values::small_integers);
   const clsa::Device device = fixture.cache.device();
   const std::vector<SequenceId>& ids = fixture.ids;
@@ -300,7 +246,7 @@ CLSA_BACKEND_TEST(sparse_beyond_plan, "bounds: a sparse attention call beyond it
                   "[bounds]") {
   test::Rng rng(test::base_seed() + 901);
   const std::vector<std::int64_t> lengths = {40, 64, 90};
-  test::CacheFixture fixture(bounds_cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
+  test::CacheFixture fixture(kShape.cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
                              test::Values::small_integers);
   const clsa::Device device = fixture.cache.device();
   const std::vector<SequenceId>& ids = fixture.ids;
@@ -326,7 +272,7 @@ CLSA_BACKEND_TEST(sparse_beyond_plan, "bounds: a sparse attention call beyond it
 
   for (const bool external : {false, true}) {
     INFO((external ? "set_workspace" : "reserve") << "(2 sequences, 2 tokens, top_k 16)");
-    clsa::SparseCrossAttention sparse(bounds_attention_config(), backend);
+    clsa::SparseCrossAttention sparse(kShape.attention_config(), backend);
     const clsa::Tensor workspace = plan(sparse, external, 2, 2, ic.top_k);
     for (const StepOutputs* o : {&out, &out_wide, &out_tokens, &out_sequences}) {
       poison(o->sparse_out);
@@ -337,12 +283,13 @@ CLSA_BACKEND_TEST(sparse_beyond_plan, "bounds: a sparse attention call beyond it
         for (unsigned char byte : raw_bytes(*t)) REQUIRE(byte == 0xff);
       }
     };
-    CLSA_REQUIRE_ERROR(sparse.forward(pair, out_wide.routing(), two.q_t, out_wide.sparse_out, {}, out_wide.sparse_lse),
-                       ErrorCode::capacity_exceeded, "top_k 24");
     CLSA_REQUIRE_ERROR(
-        sparse.forward(pair, out_tokens.routing(), three_tokens.q_t, out_tokens.sparse_out, {}, out_tokens.sparse_lse),
-        ErrorCode::capacity_exceeded, "3 query tokens");
-    CLSA_REQUIRE_ERROR(sparse.forward(triple, out_sequences.routing(), three_sequences.q_t, out_sequences.sparse_out,
+        sparse.forward(pair, out_wide.routing(), two.q_t[0], out_wide.sparse_out, {}, out_wide.sparse_lse),
+        ErrorCode::capacity_exceeded, "top_k 24");
+    CLSA_REQUIRE_ERROR(sparse.forward(pair, out_tokens.routing(), three_tokens.q_t[0], out_tokens.sparse_out, {},
+                                      out_tokens.sparse_lse),
+                       ErrorCode::capacity_exceeded, "3 query tokens");
+    CLSA_REQUIRE_ERROR(sparse.forward(triple, out_sequences.routing(), three_sequences.q_t[0], out_sequences.sparse_out,
                                       {}, out_sequences.sparse_lse),
                        ErrorCode::capacity_exceeded, "3 sequences");
     untouched(out_wide);
@@ -350,14 +297,14 @@ CLSA_BACKEND_TEST(sparse_beyond_plan, "bounds: a sparse attention call beyond it
     untouched(out_sequences);
 
     // Within the plan: the oracle's attention over the oracle's routed sets.
-    sparse.forward(pair, out.routing(), two.q_t, out.sparse_out, {}, out.sparse_lse);
+    sparse.forward(pair, out.routing(), two.q_t[0], out.sparse_out, {}, out.sparse_lse);
     const std::vector<double> written = test::read_values(out.sparse_out);
     require_attention(written, test::read_values(out.sparse_lse), {&fixture.data[0], &fixture.data[1]}, two, &ic);
     // Refused for its shapes (checked first) or its bounds: nothing is written either way.
     CLSA_REQUIRE_ERROR(
-        sparse.forward(triple, out_sequences.routing(), three_sequences.q_t, out.sparse_out, {}, out.sparse_lse),
+        sparse.forward(triple, out_sequences.routing(), three_sequences.q_t[0], out.sparse_out, {}, out.sparse_lse),
         ErrorCode::shape_mismatch, "out is [2,2,4,64]");
-    CLSA_REQUIRE_ERROR(sparse.forward(pair, out_wide.routing(), two.q_t, out.sparse_out, {}, out.sparse_lse),
+    CLSA_REQUIRE_ERROR(sparse.forward(pair, out_wide.routing(), two.q_t[0], out.sparse_out, {}, out.sparse_lse),
                        ErrorCode::capacity_exceeded, "planned for at most 2, 2 and 16");
     CHECK(test::read_values(out.sparse_out) == written);
   }
@@ -367,7 +314,7 @@ CLSA_BACKEND_TEST(dense_beyond_plan, "bounds: a dense attention call beyond its 
                   "[bounds]") {
   test::Rng rng(test::base_seed() + 902);
   const std::vector<std::int64_t> lengths = {40, 64, 90};
-  test::CacheFixture fixture(bounds_cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
+  test::CacheFixture fixture(kShape.cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
                              test::Values::small_integers);
   const clsa::Device device = fixture.cache.device();
   const std::vector<SequenceId>& ids = fixture.ids;
@@ -380,7 +327,7 @@ CLSA_BACKEND_TEST(dense_beyond_plan, "bounds: a dense attention call beyond its 
 
   for (const bool external : {false, true}) {
     INFO((external ? "set_workspace" : "reserve") << "(2 sequences, 2 tokens, max_length 64)");
-    clsa::DenseCrossAttention dense(bounds_attention_config(), backend);
+    clsa::DenseCrossAttention dense(kShape.attention_config(), backend);
     const clsa::Tensor workspace = plan(dense, external, 2, 2, 64);
     const StepOutputs out(2, 2, 1, device);
     const StepOutputs out_tokens(2, 3, 1, device);
@@ -394,23 +341,23 @@ CLSA_BACKEND_TEST(dense_beyond_plan, "bounds: a dense attention call beyond its 
         for (unsigned char byte : raw_bytes(*t)) REQUIRE(byte == 0xff);
       }
     };
-    CLSA_REQUIRE_ERROR(dense.forward(too_long, two.q_t, out.dense_out, {}, out.dense_lse), ErrorCode::capacity_exceeded,
-                       "max_length 90");
-    CLSA_REQUIRE_ERROR(dense.forward(within, three_tokens.q_t, out_tokens.dense_out, {}, out_tokens.dense_lse),
+    CLSA_REQUIRE_ERROR(dense.forward(too_long, two.q_t[0], out.dense_out, {}, out.dense_lse),
+                       ErrorCode::capacity_exceeded, "max_length 90");
+    CLSA_REQUIRE_ERROR(dense.forward(within, three_tokens.q_t[0], out_tokens.dense_out, {}, out_tokens.dense_lse),
                        ErrorCode::capacity_exceeded, "3 query tokens");
     CLSA_REQUIRE_ERROR(
-        dense.forward(too_many, three_sequences.q_t, out_sequences.dense_out, {}, out_sequences.dense_lse),
+        dense.forward(too_many, three_sequences.q_t[0], out_sequences.dense_out, {}, out_sequences.dense_lse),
         ErrorCode::capacity_exceeded, "3 sequences");
     untouched(out);
     untouched(out_tokens);
     untouched(out_sequences);
 
     // Within the plan (one sequence exactly at the planned length): the oracle.
-    dense.forward(within, two.q_t, out.dense_out, {}, out.dense_lse);
+    dense.forward(within, two.q_t[0], out.dense_out, {}, out.dense_lse);
     const std::vector<double> written = test::read_values(out.dense_out);
     require_attention(written, test::read_values(out.dense_lse), {&fixture.data[1], &fixture.data[0]}, two, nullptr);
-    CLSA_REQUIRE_ERROR(dense.forward(too_long, two.q_t, out.dense_out, {}, out.dense_lse), ErrorCode::capacity_exceeded,
-                       "planned for at most 2, 2 and 64");
+    CLSA_REQUIRE_ERROR(dense.forward(too_long, two.q_t[0], out.dense_out, {}, out.dense_lse),
+                       ErrorCode::capacity_exceeded, "planned for at most 2, 2 and 64");
     CHECK(test::read_values(out.dense_out) == written);
     dense.check_status();  // nothing to report
   }
@@ -466,7 +413,7 @@ CLSA_BACKEND_TEST(batch_beyond_capacity,
                   "[bounds]") {
   test::Rng rng(test::base_seed() + 903);
   const std::vector<std::int64_t> lengths = {40, 64, 90, 30};  // 3, 4, 6 and 2 pages of 16
-  test::CacheFixture fixture(bounds_cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
+  test::CacheFixture fixture(kShape.cache_config(test::pages_for(lengths, kPageSize)), backend, lengths, rng,
                              test::Values::small_integers);
   const clsa::Device device = fixture.cache.device();
   const std::vector<SequenceId>& ids = fixture.ids;
@@ -504,13 +451,13 @@ CLSA_BACKEND_TEST(batch_beyond_capacity,
   CHECK(after.indptr == std::vector<std::int32_t>{0, 0, 6});
   const std::vector<std::int32_t> pages = fixture.cache.pages(ids[2]);
   CHECK(std::vector<std::int32_t>(after.indices.begin(), after.indices.begin() + 6) == pages);
-  clsa::DenseCrossAttention dense(bounds_attention_config(), backend);
+  clsa::DenseCrossAttention dense(kShape.attention_config(), backend);
   dense.reserve(2, 2, 90);
   const StepInputs two = make_inputs(2, 2, rng, device);
   const StepOutputs out(2, 2, 1, device);
   poison(out.dense_out);
   poison(out.dense_lse);
-  dense.forward(batch, two.q_t, out.dense_out, {}, out.dense_lse);
+  dense.forward(batch, two.q_t[0], out.dense_out, {}, out.dense_lse);
   require_attention(test::read_values(out.dense_out), test::read_values(out.dense_lse), {nullptr, &fixture.data[2]},
                     two, nullptr);
 }
@@ -558,10 +505,7 @@ void require_same(const StepValues& actual, const StepValues& expected, const st
   }
 }
 
-void check_cuda(cudaError_t status, const char* what) {
-  INFO(what << ": " << cudaGetErrorString(status));
-  REQUIRE(status == cudaSuccess);
-}
+using cuda_support::check_cuda;
 
 int current_device() {
   int device = -1;
@@ -592,25 +536,6 @@ void synchronize_devices() {
   }
 }
 
-/// A non-blocking stream on the current device, destroyed with the scope.
-struct OwnedStream {
-  cudaStream_t stream = nullptr;
-  OwnedStream() { check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"); }
-  ~OwnedStream() {
-    (void)cudaStreamSynchronize(stream);
-    (void)cudaStreamDestroy(stream);
-  }
-  OwnedStream(const OwnedStream&) = delete;
-  OwnedStream& operator=(const OwnedStream&) = delete;
-};
-
-struct OwnedGraph {
-  cudaGraphExec_t exec = nullptr;
-  ~OwnedGraph() {
-    if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
-  }
-};
-
 /// Poisons every output with 0xff bytes on `stream` (of `device`): whatever is read back later was
 /// written by the work enqueued after this.
 void poison_async(const StepOutputs& out, cudaStream_t stream, int device) {
@@ -620,26 +545,18 @@ void poison_async(const StepOutputs& out, cudaStream_t stream, int device) {
   }
 }
 
-/// The components of one engine, planned for B slots, T tokens, contexts up to `max_length`.
-struct Engine {
-  clsa::CrossLayerIndexer indexer;
-  clsa::SparseCrossAttention sparse;
-  clsa::DenseCrossAttention dense;
-  Engine(const clsa::IndexerConfig& ic, int slots, int tokens, std::int64_t max_length)
-      : indexer(ic, Backend::cuda),
-        sparse(bounds_attention_config(), Backend::cuda),
-        dense(bounds_attention_config(), Backend::cuda) {
-    indexer.reserve(slots, tokens, max_length);
-    sparse.reserve(slots, tokens, ic.top_k);
-    dense.reserve(slots, tokens, max_length);
-  }
-  /// One step as an engine enqueues it: select, a sparse layer, a dense layer.
-  void enqueue(const clsa::CacheBatch& batch, const StepInputs& in, const StepOutputs& out, cudaStream_t stream) {
-    indexer.select(batch, in.q_idx_t, in.weights_t, out.routing(), stream);
-    sparse.forward(batch, out.routing(), in.q_t, out.sparse_out, stream, out.sparse_lse);
-    dense.forward(batch, in.q_t, out.dense_out, stream, out.dense_lse);
-  }
-};
+/// The components of one engine on CUDA, planned for B slots, T tokens, contexts up to `max_length`.
+test::Components engine_components(const clsa::IndexerConfig& ic, int slots, int tokens, std::int64_t max_length) {
+  return test::Components(Backend::cuda, ic, kShape.attention_config(), slots, tokens, max_length);
+}
+
+/// One step as an engine enqueues it: select, a sparse layer, a dense layer.
+void enqueue_step(test::Components& engine, const clsa::CacheBatch& batch, const StepInputs& in, const StepOutputs& out,
+                  clsa::Stream stream) {
+  engine.indexer.select(batch, in.q_idx_t, in.weights_t, out.routing(), stream);
+  engine.sparse.forward(batch, out.routing(), in.q_t[0], out.sparse_out, stream, out.sparse_lse);
+  engine.dense.forward(batch, in.q_t[0], out.dense_out, stream, out.dense_lse);
+}
 
 void run_replay_past_plan() {
   test::Rng rng(test::base_seed() + 910);
@@ -648,15 +565,15 @@ void run_replay_past_plan() {
   constexpr std::int64_t kGrowth = 40;    // sequence 1: 240 -> 280 tokens
   const std::vector<std::int64_t> lengths = {200, 240, 120};
   const clsa::CacheConfig config =
-      bounds_cache_config(test::pages_for({200 + kTokens, 240 + kGrowth, 120 + kTokens}, kPageSize, 8));
+      kShape.cache_config(test::pages_for({200 + kTokens, 240 + kGrowth, 120 + kTokens}, kPageSize, 8));
   test::CacheFixture fixture(config, Backend::cuda, lengths, rng, test::Values::small_integers);
   const clsa::Device device = fixture.cache.device();
   const std::vector<SequenceId> ids = fixture.ids;
   const clsa::IndexerConfig ic = bounds_indexer_config(kTopK);
 
-  Engine engine(ic, kSlots, kTokens, kPlanned);
-  const OwnedStream owned_stream;
-  const cudaStream_t stream = owned_stream.stream;
+  test::Components engine = engine_components(ic, kSlots, kTokens, kPlanned);
+  const cuda_support::OwnedStream owned_stream(device);
+  const cudaStream_t stream = owned_stream.stream().cuda();
   // The batch has room for twice the planned context: only the components' plan is exceeded.
   clsa::CacheBatch batch = fixture.cache.reserve_batch(kSlots, 2 * kPlanned);
   const std::int32_t* const tables = batch.device_page_indptr();
@@ -666,28 +583,21 @@ void run_replay_past_plan() {
   poison_async(out, stream, device.index);
   synchronize_devices();
 
-  OwnedGraph graph;
-  {
-    cudaGraph_t captured = nullptr;
-    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-    engine.enqueue(batch, in, out, stream);
-    check_cuda(cudaStreamEndCapture(stream, &captured), "cudaStreamEndCapture");
-    check_cuda(cudaGraphInstantiate(&graph.exec, captured, 0), "cudaGraphInstantiate");
-    check_cuda(cudaGraphDestroy(captured), "cudaGraphDestroy");
-  }
+  const cuda_support::CapturedGraph graph =
+      cuda_support::CapturedGraph::capture(stream, [&] { enqueue_step(engine, batch, in, out, stream); });
   const auto replay = [&] {
     poison_async(out, stream, device.index);
-    check_cuda(cudaGraphLaunch(graph.exec, stream), "cudaGraphLaunch");
-    check_cuda(cudaStreamSynchronize(stream), "replay");
+    graph.replay(stream);
+    owned_stream.wait();
     return read_step(out);
   };
   // Fresh components planned alike, run eagerly on the same inputs over `slot_ids`.
   const auto fresh_eager = [&](const std::vector<SequenceId>& slot_ids) {
-    Engine fresh(ic, kSlots, kTokens, kPlanned);
+    test::Components fresh = engine_components(ic, kSlots, kTokens, kPlanned);
     const clsa::CacheBatch eager_batch = fixture.cache.batch(slot_ids, stream);
     const StepOutputs eager_out(kSlots, kTokens, kTopK, device);
     poison_async(eager_out, stream, device.index);
-    fresh.enqueue(eager_batch, in, eager_out, stream);
+    enqueue_step(fresh, eager_batch, in, eager_out, stream);
     check_cuda(cudaStreamSynchronize(stream), "eager step");
     fresh.indexer.check_status();
     fresh.dense.check_status();
@@ -734,7 +644,7 @@ void run_replay_past_plan() {
   // 3. Eagerly, the same batch is refused before anything is enqueued.
   CLSA_REQUIRE_ERROR(engine.indexer.select(batch, in.q_idx_t, in.weights_t, out.routing(), stream),
                      ErrorCode::capacity_exceeded, "max_length 280");
-  CLSA_REQUIRE_ERROR(engine.dense.forward(batch, in.q_t, out.dense_out, stream, out.dense_lse),
+  CLSA_REQUIRE_ERROR(engine.dense.forward(batch, in.q_t[0], out.dense_out, stream, out.dense_lse),
                      ErrorCode::capacity_exceeded, "max_length 280");
   check_cuda(cudaStreamSynchronize(stream), "after the refused calls");
   require_same(read_step(out), second, "outputs after the refused eager calls");
@@ -765,12 +675,12 @@ void run_on_another_device(int home, int caller) {
   constexpr std::int64_t kMaxLength = 512;
 
   check_cuda(cudaSetDevice(home), "cudaSetDevice");
-  auto owned_stream = std::make_unique<OwnedStream>();  // a stream of the components' device
-  const cudaStream_t stream = owned_stream->stream;
-  auto cache = std::make_unique<clsa::SharedKVCache>(bounds_cache_config(96), Backend::cuda);
+  auto owned_stream = std::make_unique<cuda_support::OwnedStream>(device);  // a stream of the components' device
+  const cudaStream_t stream = owned_stream->stream().cuda();
+  auto cache = std::make_unique<clsa::SharedKVCache>(kShape.cache_config(96), Backend::cuda);
   auto indexer = std::make_unique<clsa::CrossLayerIndexer>(ic, Backend::cuda);
-  auto sparse = std::make_unique<clsa::SparseCrossAttention>(bounds_attention_config(), Backend::cuda);
-  auto dense = std::make_unique<clsa::DenseCrossAttention>(bounds_attention_config(), Backend::cuda);
+  auto sparse = std::make_unique<clsa::SparseCrossAttention>(kShape.attention_config(), Backend::cuda);
+  auto dense = std::make_unique<clsa::DenseCrossAttention>(kShape.attention_config(), Backend::cuda);
   REQUIRE(cache->device() == device);
   REQUIRE(indexer->device() == device);
   REQUIRE(sparse->device() == device);
@@ -824,7 +734,7 @@ void run_on_another_device(int home, int caller) {
   require_current(caller, "the uploads");
 
   // Tensors on another device than the components' are refused.
-  const clsa::Tensor q_elsewhere = in.q_t.to(clsa::Device::cuda(caller));
+  const clsa::Tensor q_elsewhere = in.q_t[0].to(clsa::Device::cuda(caller));
   CLSA_REQUIRE_ERROR(dense->forward(batch, q_elsewhere, out.dense_out, stream, out.dense_lse),
                      ErrorCode::device_mismatch, "but this call computes on cuda:" + std::to_string(home));
   require_current(caller, "a refused DenseCrossAttention::forward");
@@ -834,9 +744,9 @@ void run_on_another_device(int home, int caller) {
     poison_async(out, stream, home);
     indexer->select(batch, in.q_idx_t, in.weights_t, out.routing(), stream);
     require_current(current, "CrossLayerIndexer::select");
-    sparse->forward(batch, out.routing(), in.q_t, out.sparse_out, stream, out.sparse_lse);
+    sparse->forward(batch, out.routing(), in.q_t[0], out.sparse_out, stream, out.sparse_lse);
     require_current(current, "SparseCrossAttention::forward");
-    dense->forward(batch, in.q_t, out.dense_out, stream, out.dense_lse);
+    dense->forward(batch, in.q_t[0], out.dense_out, stream, out.dense_lse);
     require_current(current, "DenseCrossAttention::forward");
     check_cuda(cudaStreamSynchronize(stream), "step");
     indexer->check_status();

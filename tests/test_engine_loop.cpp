@@ -15,11 +15,9 @@
 #include <utility>
 
 #include "catch.hpp"
+#include "cuda_support.hpp"
+#include "fixtures.hpp"
 #include "support.hpp"
-
-#if CLSA_TEST_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 namespace {
 
@@ -30,8 +28,9 @@ constexpr int kMaxTokens = 4;
 constexpr std::int64_t kMaxLength = 2048;
 constexpr int kLayers = 2;
 constexpr int kBuckets[] = {1, 4, 16, 32};
-constexpr int kQHeads = 8, kKvHeads = 2, kHeadDim = 64;
-constexpr int kIndexHeads = 4, kIndexDim = 64;
+constexpr test::StepShape kShape{8, 2, 64, 4, 64, 16};  // Hq, Hkv, D, H_idx, D_idx, page size
+constexpr int kQHeads = kShape.q_heads, kKvHeads = kShape.kv_heads, kHeadDim = kShape.head_dim;
+constexpr int kIndexHeads = kShape.index_heads, kIndexDim = kShape.index_dim;
 constexpr int kTopK = 64;
 constexpr int kMaxLive = 48;
 
@@ -42,51 +41,20 @@ int loop_steps() {
 }
 
 clsa::CacheConfig loop_cache_config() {
-  clsa::CacheConfig config;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  config.index_dim = kIndexDim;
-  config.page_size = 16;
-  config.max_pages = kMaxLive * (kMaxLength / 16 + 1);
-  config.dtype = clsa::DType::bf16;
-  return config;
+  return kShape.cache_config(kMaxLive * (kMaxLength / kShape.page_size + 1));
 }
 
 clsa::IndexerConfig loop_indexer_config() {
-  clsa::IndexerConfig config;
-  config.num_heads = kIndexHeads;
-  config.index_dim = kIndexDim;
-  config.top_k = kTopK;
-  config.sink_tokens = 2;
-  config.local_window = 8;
-  config.scale = 1.0f;
-  return config;
+  return kShape.indexer_config(kTopK, /*sink_tokens*/ 2, /*local_window*/ 8);
 }
 
-clsa::AttentionConfig loop_attention_config() {
-  clsa::AttentionConfig config;
-  config.num_q_heads = kQHeads;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  return config;
+/// What an engine builds once per backend: the components, planned for the largest step. gather:
+/// the indexer gathers the routed K/V rows once per step (gather_routed_kv).
+test::Components loop_components(clsa::Backend backend, bool gather) {
+  const clsa::CacheConfig cache_config = loop_cache_config();
+  return test::Components(backend, loop_indexer_config(), kShape.attention_config(), kMaxBatch, kMaxTokens, kMaxLength,
+                          gather ? &cache_config : nullptr);
 }
-
-/// What an engine builds once per backend: the components, planned for the largest step.
-struct Components {
-  clsa::CrossLayerIndexer indexer;
-  clsa::SparseCrossAttention sparse;
-  clsa::DenseCrossAttention dense;
-  /// gather: the indexer gathers the routed K/V rows once per step (gather_routed_kv).
-  Components(clsa::Backend backend, bool gather)
-      : indexer(loop_indexer_config(), backend),
-        sparse(loop_attention_config(), backend),
-        dense(loop_attention_config(), backend) {
-    if (gather) indexer.gather_routed_kv(loop_cache_config());
-    indexer.reserve(kMaxBatch, kMaxTokens, kMaxLength);
-    sparse.reserve(kMaxBatch, kMaxTokens, kTopK);
-    dense.reserve(kMaxBatch, kMaxTokens, kMaxLength);
-  }
-};
 
 /// One step's input and output tensors for a batch of B slots and T tokens, on one device.
 struct StepTensors {
@@ -105,34 +73,18 @@ struct StepTensors {
   }
 };
 
-/// Host values of one step's inputs (the same values go to every backend).
-struct StepInputs {
-  clsa::Tensor q_idx, weights;
-  std::vector<clsa::Tensor> q;
-};
+using test::StepInputs;
 
+/// One step's inputs on the host (the same values go to every backend).
 StepInputs random_inputs(int slots, int tokens, test::Rng& rng) {
-  const std::int64_t rows = std::int64_t{slots} * tokens;
-  std::vector<double> q_idx(static_cast<std::size_t>(rows * kIndexHeads * kIndexDim));
-  for (double& x : q_idx) x = rng.uniform(-2, 2);  // small integers: exact scores on every backend
-  std::vector<double> weights(static_cast<std::size_t>(rows * kIndexHeads));
-  for (double& x : weights) x = rng.uniform(1, 3);
-  StepInputs inputs;
-  inputs.q_idx = test::make_host(q_idx, clsa::DType::bf16, {slots, tokens, kIndexHeads, kIndexDim});
-  inputs.weights = test::make_host(weights, clsa::DType::f32, {slots, tokens, kIndexHeads});
-  for (int l = 0; l < kLayers; ++l) {
-    std::vector<double> q(static_cast<std::size_t>(rows * kQHeads * kHeadDim));
-    for (double& x : q) x = 0.3 * rng.normal();
-    inputs.q.push_back(test::make_host(q, clsa::DType::bf16, {slots, tokens, kQHeads, kHeadDim}));
-  }
-  return inputs;
+  return test::random_step_inputs(kShape, slots, tokens, rng, clsa::Device::cpu(), kLayers);
 }
 
 void upload(const StepInputs& inputs, StepTensors& tensors) {
-  tensors.q_idx.copy_from(inputs.q_idx);
-  tensors.weights.copy_from(inputs.weights);
+  tensors.q_idx.copy_from(inputs.q_idx_t);
+  tensors.weights.copy_from(inputs.weights_t);
   for (int l = 0; l < kLayers; ++l)
-    tensors.q[static_cast<std::size_t>(l)].copy_from(inputs.q[static_cast<std::size_t>(l)]);
+    tensors.q[static_cast<std::size_t>(l)].copy_from(inputs.q_t[static_cast<std::size_t>(l)]);
 }
 
 /// A step's results, read back to the host.
@@ -156,7 +108,7 @@ StepResult read_result(const clsa::RoutingIndex& routing, const StepTensors& ten
 }
 
 /// The step as an engine enqueues it: one select, the sparse layers, one dense layer.
-clsa::RoutingIndex enqueue_step(Components& components, const clsa::CacheBatch& batch, StepTensors& tensors,
+clsa::RoutingIndex enqueue_step(test::Components& components, const clsa::CacheBatch& batch, StepTensors& tensors,
                                 clsa::Stream stream) {
   const clsa::RoutingIndex routing = components.indexer.select(batch, tensors.q_idx, tensors.weights, stream);
   for (int l = 0; l < kLayers; ++l) {
@@ -265,18 +217,13 @@ void require_empty_slots(const StepResult& result, int live, int slots, int toke
 
 /// Routing of every live row against the double-precision oracle (exact data: equal sets).
 void require_oracle_routing(const StepResult& result, const std::vector<const test::SequenceData*>& sequences,
-                            const StepInputs& inputs, int tokens, int step) {
+                            const StepInputs& inputs, int step) {
+  const int tokens = inputs.tokens;
   const clsa::IndexerConfig ic = loop_indexer_config();
-  const std::vector<double> q_idx = test::read_values(inputs.q_idx);
-  const std::vector<double> weights = test::read_values(inputs.weights);
   for (std::size_t b = 0; b < sequences.size(); ++b) {
     for (int t = 0; t < tokens; ++t) {
       const std::size_t row = b * static_cast<std::size_t>(tokens) + static_cast<std::size_t>(t);
-      const std::int64_t visible = sequences[b]->length - tokens + t + 1;
-      const std::vector<double> scores =
-          test::oracle_scores(*sequences[b], kIndexDim, q_idx.data() + row * kIndexHeads * kIndexDim,
-                              weights.data() + row * kIndexHeads, kIndexHeads, visible, ic.scale);
-      const std::vector<std::int32_t> expected = test::oracle_routing(scores, kTopK, ic.sink_tokens, ic.local_window);
+      const std::vector<std::int32_t> expected = inputs.oracle_row(*sequences[b], static_cast<int>(b), t, ic);
       const std::vector<std::int32_t> routed(
           result.positions.begin() + static_cast<std::ptrdiff_t>(row * kTopK),
           result.positions.begin() + static_cast<std::ptrdiff_t>(row * kTopK + expected.size()));
@@ -287,41 +234,28 @@ void require_oracle_routing(const StepResult& result, const std::vector<const te
   }
 }
 
-#if CLSA_TEST_WITH_CUDA
-void check_cuda(cudaError_t status, const char* what) {
-  INFO(what << ": " << cudaGetErrorString(status));
-  REQUIRE(status == cudaSuccess);
-}
-
 /// A captured step of one (bucket, T): its tensors, the batch it reads, the graph.
 struct CapturedStep {
   std::unique_ptr<StepTensors> tensors;
   clsa::CacheBatch batch;
   clsa::RoutingIndex routing;
-  cudaGraphExec_t exec = nullptr;
-  ~CapturedStep() {
-    if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
-  }
+  cuda_support::CapturedGraph graph;
 };
-#endif
 
 void run_engine_loop(clsa::Backend backend, bool gather) {
   const bool on_cuda = backend == clsa::Backend::cuda;
   test::Rng rng(test::base_seed() + 80);
   Population population(backend, on_cuda);
   const clsa::Device device = population.cache.device();
-  Components components(backend, gather);       // the engine's one set of components
-  std::unique_ptr<Components> twin_components;  // CUDA: the CPU reference twin (reads the pool)
-  if (on_cuda) twin_components = std::make_unique<Components>(clsa::Backend::cpu, false);
+  test::Components components = loop_components(backend, gather);  // the engine's one set of components
+  std::unique_ptr<test::Components> twin_components;               // CUDA: the CPU reference twin (reads the pool)
+  if (on_cuda) twin_components = std::make_unique<test::Components>(loop_components(clsa::Backend::cpu, false));
   clsa::CacheBatch cpu_batch = population.cache.reserve_batch(kMaxBatch, kMaxLength);  // CPU backend
   clsa::CacheBatch twin_batch;
   std::map<std::pair<int, int>, std::unique_ptr<StepTensors>> eager_tensors;  // CPU backend, by (slots, T)
-#if CLSA_TEST_WITH_CUDA
-  cudaStream_t stream = nullptr;
-  if (on_cuda) check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  if (on_cuda) population.stream = clsa::Stream(stream);
-  std::map<std::pair<int, int>, std::unique_ptr<CapturedStep>> graphs;  // by (bucket, T)
-#endif
+  const cuda_support::OwnedStream engine_stream(device);  // CUDA: the engine's stream (none on the CPU)
+  population.stream = engine_stream.stream();
+  std::map<std::pair<int, int>, std::unique_ptr<CapturedStep>> graphs;  // CUDA: by (bucket, T)
   const int pattern[] = {1, 16, 3, 32, 1, 7, 32, 2, 24, 5, 12, 32, 9, 1, 20};
   const int steps = loop_steps();
   int replays = 0, captures = 0, most_live = 0;
@@ -371,8 +305,8 @@ void run_engine_loop(clsa::Backend backend, bool gather) {
       const clsa::RoutingIndex routing = enqueue_step(components, cpu_batch, *tensors, {});
       result = read_result(routing, *tensors);
     }
-#if CLSA_TEST_WITH_CUDA
     if (on_cuda) {
+      const clsa::Stream stream = engine_stream.stream();
       auto& captured = graphs[{slots, tokens}];
       const bool fresh_bucket = !captured;
       if (fresh_bucket) {
@@ -385,43 +319,34 @@ void run_engine_loop(clsa::Backend backend, bool gather) {
       tensors = captured->tensors.get();
       upload(inputs, *tensors);
       if (fresh_bucket) {
-        cudaGraph_t graph = nullptr;
-        check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-        captured->routing = enqueue_step(components, captured->batch, *tensors, stream);
-        check_cuda(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-        check_cuda(cudaGraphInstantiate(&captured->exec, graph, 0), "cudaGraphInstantiate");
-        check_cuda(cudaGraphDestroy(graph), "cudaGraphDestroy");
+        CapturedStep& fresh = *captured;
+        fresh.graph = cuda_support::CapturedGraph::capture(
+            stream, [&] { fresh.routing = enqueue_step(components, fresh.batch, *tensors, stream); });
         ++captures;
       }
       // Poison the outputs: every value read back must have been written by this replay.
-      for (clsa::Tensor* out : {&tensors->dense_out, &tensors->sparse_out[0], &tensors->sparse_out[1]}) {
-        check_cuda(cudaMemsetAsync(out->view().data(), 0xff, out->bytes(), stream), "poison");
+      for (const clsa::Tensor* out : {&tensors->dense_out, &tensors->sparse_out[0], &tensors->sparse_out[1]}) {
+        engine_stream.fill(out->view().data(), 0xff, out->bytes());
       }
-      check_cuda(cudaGraphLaunch(captured->exec, stream), "cudaGraphLaunch");
-      check_cuda(cudaStreamSynchronize(stream), "replay");
+      captured->graph.replay(stream);
+      engine_stream.wait();
       ++replays;
       components.indexer.check_status();
       components.dense.check_status();
       result = read_result(captured->routing, *tensors);
       batch = &captured->batch;
     }
-#endif
     // Fresh objects planned with the same bounds, eagerly on the same batch and inputs.
     {
-      Components fresh(backend, gather);
+      test::Components fresh = loop_components(backend, gather);
       StepTensors fresh_tensors(slots, tokens, device);
       upload(inputs, fresh_tensors);
-#if CLSA_TEST_WITH_CUDA
-      const clsa::Stream fresh_stream = on_cuda ? clsa::Stream(stream) : clsa::Stream();
-#else
-      const clsa::Stream fresh_stream;
-#endif
-      const clsa::RoutingIndex routing = enqueue_step(fresh, *batch, fresh_tensors, fresh_stream);
-      clsa::synchronize(fresh_stream);
+      const clsa::RoutingIndex routing = enqueue_step(fresh, *batch, fresh_tensors, engine_stream.stream());
+      engine_stream.wait();
       require_same(result, read_result(routing, fresh_tensors), step);
     }
     require_empty_slots(result, sequences, slots, tokens, step);
-    if (!on_cuda && step % 10 == 0) require_oracle_routing(result, data, inputs, tokens, step);
+    if (!on_cuda && step % 10 == 0) require_oracle_routing(result, data, inputs, step);
     if (on_cuda) {
       // The CPU backend on a twin of the cache: the same routed sets (exact data), attention
       // within the bf16 tolerance.
@@ -464,10 +389,6 @@ void run_engine_loop(clsa::Backend backend, bool gather) {
     CHECK(captures <= static_cast<int>(sizeof(kBuckets) / sizeof(kBuckets[0])) * 2);
     CHECK(replays == steps);
   }
-#if CLSA_TEST_WITH_CUDA
-  graphs.clear();
-  if (on_cuda) check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
-#endif
 }
 
 }  // namespace

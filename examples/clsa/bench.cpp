@@ -4,21 +4,16 @@
 // are timed again with a stand-in for the decoder's feed-forward weights streamed through the L2
 // before every cross-attention layer (its own time measured alone and subtracted).
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cuda_support.hpp"
 #include "program.hpp"
-
-#if CLSA_PROGRAM_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 namespace clsa_program {
 
@@ -27,14 +22,6 @@ namespace {
 [[noreturn]] void fail(const std::string& message) {
   throw clsa::Error(clsa::ErrorCode::invalid_argument, message);
 }
-
-#if CLSA_PROGRAM_WITH_CUDA
-void cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw clsa::Error(clsa::ErrorCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(status));
-  }
-}
-#endif
 
 double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
@@ -45,54 +32,21 @@ double median(std::vector<double> values) {
 /// Times body(iteration) on the device or host: warm-up, then the median of `iterations` runs.
 class Timer {
  public:
-  Timer(clsa::Device device, int warmup, int iterations) : device_(device), warmup_(warmup), iterations_(iterations) {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-      cuda(cudaEventCreate(&start_), "cudaEventCreate");
-      cuda(cudaEventCreate(&stop_), "cudaEventCreate");
-    }
-#endif
-  }
-  ~Timer() {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      cudaEventDestroy(start_);
-      cudaEventDestroy(stop_);
-      cudaStreamDestroy(stream_);
-    }
-#endif
-  }
-  Timer(const Timer&) = delete;
-  Timer& operator=(const Timer&) = delete;
+  Timer(clsa::Device device, int warmup, int iterations)
+      : warmup_(warmup), iterations_(iterations), stream_(device), marks_(stream_, 2) {}
 
-  clsa::Stream stream() const {
-#if CLSA_PROGRAM_WITH_CUDA
-    return clsa::Stream(stream_);
-#else
-    return {};
-#endif
-  }
+  /// The timed stream (the default stream {} on the CPU).
+  const cuda_support::OwnedStream& owned_stream() const { return stream_; }
+  clsa::Stream stream() const { return stream_.stream(); }
 
   /// Median seconds of body(i), i counting from 0 over warm-up and timed runs.
   double seconds(const std::function<void(int)>& body) {
     std::vector<double> samples;
     for (int i = 0; i < warmup_ + iterations_; ++i) {
-#if CLSA_PROGRAM_WITH_CUDA
-      if (device_.is_cuda()) {
-        cuda(cudaEventRecord(start_, stream_), "cudaEventRecord");
-        body(i);
-        cuda(cudaEventRecord(stop_, stream_), "cudaEventRecord");
-        cuda(cudaEventSynchronize(stop_), "cudaEventSynchronize");
-        float ms = 0.0f;
-        cuda(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
-        if (i >= warmup_) samples.push_back(ms * 1e-3);
-        continue;
-      }
-#endif
-      const auto start = std::chrono::steady_clock::now();
+      marks_.mark(0);
       body(i);
-      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      marks_.mark(1);
+      const double elapsed = marks_.seconds(0, 1);
       if (i >= warmup_) samples.push_back(elapsed);
     }
     return median(samples);
@@ -101,62 +55,33 @@ class Timer {
   /// Same, with body(replica) captured once per replica as a CUDA graph and the graphs replayed
   /// in turn (what an engine does for decoding steps). Returns a negative value on the CPU.
   double graph_seconds(int replicas, const std::function<void(int)>& body) {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (!device_.is_cuda()) return -1.0;
-    std::vector<cudaGraphExec_t> graphs;
-    for (int r = 0; r < replicas; ++r) {
-      cudaGraph_t graph = nullptr;
-      cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-      body(r);
-      cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
-      cudaGraphExec_t exec = nullptr;
-      cuda(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
-      cuda(cudaGraphDestroy(graph), "cudaGraphDestroy");
-      graphs.push_back(exec);
-    }
-    const double result = seconds([&](int i) {
-      cuda(cudaGraphLaunch(graphs[static_cast<std::size_t>(i % replicas)], stream_), "cudaGraphLaunch");
-    });
-    for (cudaGraphExec_t exec : graphs) cudaGraphExecDestroy(exec);
-    return result;
-#else
-    (void)replicas;
-    (void)body;
-    return -1.0;
-#endif
+    if (!stream_.device().is_cuda()) return -1.0;
+    std::vector<cuda_support::CapturedGraph> graphs;
+    for (int r = 0; r < replicas; ++r)
+      graphs.push_back(cuda_support::CapturedGraph::capture(stream(), [&] { body(r); }));
+    return seconds([&](int i) { graphs[static_cast<std::size_t>(i % replicas)].replay(stream()); });
   }
 
   /// Bytes per second of a large device-to-device (or host) copy, counting read + write.
   double copy_bandwidth() {
-    const std::size_t bytes = device_.is_cuda() ? (std::size_t{1} << 30) : (std::size_t{256} << 20);
-    clsa::Tensor source = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device_);
-    clsa::Tensor target = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device_);
+    const clsa::Device device = stream_.device();
+    const std::size_t bytes = device.is_cuda() ? (std::size_t{1} << 30) : (std::size_t{256} << 20);
+    clsa::Tensor source = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device);
+    clsa::Tensor target = clsa::Tensor::empty({static_cast<std::int64_t>(bytes)}, clsa::DType::i32, device);
     const std::size_t copy = bytes * 4;
     std::vector<int> host_fill(1 << 20, 7);
     for (std::size_t offset = 0; offset < copy; offset += host_fill.size() * 4) {
-      clsa::copy_bytes(static_cast<char*>(source.view().data()) + offset, device_, host_fill.data(),
-                       clsa::Device::cpu(), std::min(host_fill.size() * 4, copy - offset));
+      clsa::copy_bytes(static_cast<char*>(source.view().data()) + offset, device, host_fill.data(), clsa::Device::cpu(),
+                       std::min(host_fill.size() * 4, copy - offset));
     }
-    const double s = seconds([&](int) {
-#if CLSA_PROGRAM_WITH_CUDA
-      if (device_.is_cuda()) {
-        cuda(cudaMemcpyAsync(target.view().data(), source.view().data(), copy, cudaMemcpyDeviceToDevice, stream_),
-             "cudaMemcpyAsync");
-        return;
-      }
-#endif
-      std::copy_n(static_cast<const char*>(source.view().data()), copy, static_cast<char*>(target.view().data()));
-    });
+    const double s = seconds([&](int) { stream_.copy_on_device(target.view().data(), source.view().data(), copy); });
     return 2.0 * static_cast<double>(copy) / s;
   }
 
  private:
-  clsa::Device device_;
   int warmup_, iterations_;
-#if CLSA_PROGRAM_WITH_CUDA
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-#endif
+  cuda_support::OwnedStream stream_;
+  cuda_support::StreamTimer marks_;  // 0: before the body, 1: after it
 };
 
 /// What a real decoder does between two cross-attention layers, as far as the L2 is concerned: the
@@ -175,7 +100,7 @@ class Timer {
 /// (evicting the CPU's last-level cache instead).
 class FeedForwardStandIn {
  public:
-  FeedForwardStandIn(clsa::Device device, std::size_t bytes, clsa::Stream stream)
+  FeedForwardStandIn(clsa::Device device, std::size_t bytes, const cuda_support::OwnedStream& stream)
       : device_(device), half_(bytes / 8 * 4), stream_(stream) {
     if (half_ == 0) return;
     const std::int64_t words = static_cast<std::int64_t>(2 * half_ / 4);
@@ -191,19 +116,13 @@ class FeedForwardStandIn {
   void operator()() const {
     if (half_ == 0) return;
     char* base = static_cast<char*>(buffer_.view().data());
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      cuda(cudaMemcpyAsync(base + half_, base, half_, cudaMemcpyDeviceToDevice, stream_.cuda()), "cudaMemcpyAsync");
-      return;
-    }
-#endif
-    std::memcpy(base + half_, base, half_);
+    stream_.copy_on_device(base + half_, base, half_);
   }
 
  private:
   clsa::Device device_;
   std::size_t half_;
-  clsa::Stream stream_;
+  const cuda_support::OwnedStream& stream_;
   clsa::Tensor buffer_;
 };
 
@@ -313,22 +232,10 @@ std::string format_time(double seconds) {
 
 }  // namespace
 
-/// "NVIDIA H100 80GB HBM3" for a CUDA device, "cpu" otherwise.
-std::string device_description(clsa::Device device) {
-#if CLSA_PROGRAM_WITH_CUDA
-  if (device.is_cuda()) {
-    cudaDeviceProp properties{};
-    cuda(cudaGetDeviceProperties(&properties, device.index), "cudaGetDeviceProperties");
-    return properties.name;
-  }
-#endif
-  return clsa::device_name(device);
-}
-
 int run_bench(const BenchOptions& options) {
   const clsa::Backend backend = clsa::resolve_backend(options.backend);
   const clsa::Device device = clsa::backend_device(backend);
-  const std::string description = device_description(device);
+  const std::string description = cuda_support::device_description(device);
   const bool on_gpu = device.is_cuda();
   std::vector<std::int64_t> contexts = options.contexts;
   std::vector<int> batches = options.batches;
@@ -357,7 +264,7 @@ int run_bench(const BenchOptions& options) {
       options.top_k, iterations, warmup);
   std::printf("measured copy bandwidth (read + write): %.0f GB/s\n", copy_bandwidth / 1e9);
   const std::size_t evict_bytes = static_cast<std::size_t>(options.evict_l2_mb) << 20;
-  const FeedForwardStandIn stand_in(device, evict_bytes, stream);
+  const FeedForwardStandIn stand_in(device, evict_bytes, timer.owned_stream());
   if (stand_in.enabled()) {
     std::printf(
         "L2 evicted rows: before each cross-attention layer a feed-forward stand-in copies %.0f MiB of a %.0f MiB "

@@ -27,11 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_support.hpp"
 #include "program.hpp"
-
-#if CLSA_PROGRAM_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 namespace clsa_program {
 
@@ -91,148 +88,6 @@ Model make_model(std::mt19937_64& rng, int layers, int topics) {
   return m;
 }
 
-#if CLSA_PROGRAM_WITH_CUDA
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw clsa::Error(clsa::ErrorCode::cuda_error, std::string("demo: ") + what + ": " + cudaGetErrorString(status));
-  }
-}
-#endif
-
-/// Where the demo's device work goes, in order. On CUDA one stream carries every copy, append,
-/// table refill and step (graphs are captured from it and replayed on it), and events on it time
-/// the steps. On the CPU the calls return when they are done, copies are memcpy and the wall clock
-/// times the steps.
-class Lane {
- public:
-  static constexpr int kMarks = 3;
-
-  explicit Lane(clsa::Device device) : device_(device) {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-      for (cudaEvent_t& event : events_) check_cuda(cudaEventCreate(&event), "cudaEventCreate");
-    }
-#endif
-  }
-  ~Lane() {
-#if CLSA_PROGRAM_WITH_CUDA
-    for (cudaEvent_t event : events_) {
-      if (event != nullptr) (void)cudaEventDestroy(event);
-    }
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-#endif
-  }
-  Lane(const Lane&) = delete;
-  Lane& operator=(const Lane&) = delete;
-
-  clsa::Stream stream() const {
-    return clsa::Stream(stream_);
-  }
-  CUstream_st* cuda_stream() const {
-    return stream_;
-  }
-
-  /// Host -> the lane's device, in stream order. The host buffer may be reused on return
-  /// (cudaMemcpyAsync stages pageable host memory before it returns).
-  void upload(void* target, const void* source, std::size_t bytes) {
-    if (bytes == 0) return;
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaMemcpyAsync(target, source, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (upload)");
-      return;
-    }
-#endif
-    std::memcpy(target, source, bytes);
-  }
-  /// The lane's device -> host, after everything enqueued before it; returns once it is there.
-  void download(void* target, const void* source, std::size_t bytes) {
-    if (bytes == 0) return;
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync (download)");
-      wait();
-      return;
-    }
-#endif
-    std::memcpy(target, source, bytes);
-  }
-  /// Waits for everything enqueued so far.
-  void wait() {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (stream_ != nullptr) check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-#endif
-  }
-  /// Marks point `i` of a step: an event recorded on the stream (CUDA) or the wall clock (CPU).
-  void mark(int i) {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaEventRecord(events_[i], stream_), "cudaEventRecord");
-      return;
-    }
-#endif
-    times_[i] = std::chrono::steady_clock::now();
-  }
-  /// Seconds from mark `from` to mark `to`: on CUDA the device time between the two events (waits
-  /// for `to`), on the CPU the wall clock.
-  double seconds(int from, int to) {
-#if CLSA_PROGRAM_WITH_CUDA
-    if (device_.is_cuda()) {
-      check_cuda(cudaEventSynchronize(events_[to]), "cudaEventSynchronize");
-      float ms = 0.0f;
-      check_cuda(cudaEventElapsedTime(&ms, events_[from], events_[to]), "cudaEventElapsedTime");
-      return static_cast<double>(ms) * 1e-3;
-    }
-#endif
-    return std::chrono::duration<double>(times_[to] - times_[from]).count();
-  }
-
- private:
-  clsa::Device device_;
-  CUstream_st* stream_ = nullptr;
-  std::chrono::steady_clock::time_point times_[kMarks]{};
-#if CLSA_PROGRAM_WITH_CUDA
-  cudaEvent_t events_[kMarks]{};
-#endif
-};
-
-#if CLSA_PROGRAM_WITH_CUDA
-/// One captured step: capture() records what `enqueue` puts on the stream (nothing runs then);
-/// launch() replays it.
-class Graph {
- public:
-  Graph() = default;
-  ~Graph() {
-    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
-  }
-  Graph(const Graph&) = delete;
-  Graph& operator=(const Graph&) = delete;
-
-  bool captured() const { return exec_ != nullptr; }
-  template <class Enqueue>
-  void capture(cudaStream_t stream, Enqueue&& enqueue) {
-    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-    cudaGraph_t graph = nullptr;
-    try {
-      enqueue();
-    } catch (...) {
-      // Leave the stream out of capture mode before the error goes on.
-      (void)cudaStreamEndCapture(stream, &graph);
-      if (graph != nullptr) (void)cudaGraphDestroy(graph);
-      throw;
-    }
-    check_cuda(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-    const cudaError_t status = cudaGraphInstantiate(&exec_, graph, 0);
-    (void)cudaGraphDestroy(graph);
-    check_cuda(status, "cudaGraphInstantiate");
-  }
-  void launch(cudaStream_t stream) { check_cuda(cudaGraphLaunch(exec_, stream), "cudaGraphLaunch"); }
-
- private:
-  cudaGraphExec_t exec_ = nullptr;
-};
-#endif
-
 /// A bf16 tensor on the lane's device with a zeroed host twin of the same size, for traffic to and
 /// from the model (f32 on the host side).
 struct Staged {
@@ -249,11 +104,13 @@ struct Staged {
   }
   float at(std::int64_t i) const { return clsa::to_float(host.data_as<clsa::bfloat16>()[i]); }
   /// The first `count` elements of the device tensor := the host's (in stream order).
-  void upload(Lane& lane, std::int64_t count) {
+  void upload(const cuda_support::OwnedStream& lane, std::int64_t count) {
     lane.upload(device.view().data(), host.view().data(), static_cast<std::size_t>(count) * sizeof(clsa::bfloat16));
   }
-  void upload(Lane& lane) { upload(lane, host.numel()); }
-  void download(Lane& lane) { lane.download(host.view().data(), device.view().data(), host.bytes()); }
+  void upload(const cuda_support::OwnedStream& lane) { upload(lane, host.numel()); }
+  void download(const cuda_support::OwnedStream& lane) {
+    lane.download(host.view().data(), device.view().data(), host.bytes());
+  }
 };
 
 /// Layer `layer`'s [slots, 1, heads, head_dim] part of a [layers, slots, 1, heads, head_dim] tensor.
@@ -274,9 +131,7 @@ struct Bucket {
   clsa::Tensor weights;
   clsa::RoutingIndex routing;  // the indexer's index, as select() returned it (at capture, on CUDA)
   int steps = 0;               // steps run in this bucket; the first is warm-up
-#if CLSA_PROGRAM_WITH_CUDA
-  Graph clsa_step, dense_step;
-#endif
+  cuda_support::CapturedGraph clsa_step, dense_step;  // CUDA: the captured steps
 
   Bucket(int slot_count, const Dims& d, int layers, clsa::Device device)
       : slots(slot_count),
@@ -319,7 +174,11 @@ int run_demo(const DemoOptions& options) {
   const int q_size = d.q_heads * d.head_dim;  // one query token's q (or attention output) of one layer
   const std::int64_t capacity = options.context + options.steps;
   const bool graphs = device.is_cuda();  // on CUDA each step is a replayed CUDA graph
-  Lane lane(device);
+  // Where the demo's device work goes, in order: on CUDA one stream carries every copy, append,
+  // table refill and step (graphs are captured from it and replayed on it), and events on it time
+  // the steps; on the CPU the calls return when they are done and the wall clock times the steps.
+  const cuda_support::OwnedStream lane(device);
+  cuda_support::StreamTimer step_timer(lane, 3);
 
   std::printf("libclsa %s demo: backend %s (%s), bf16 cache\n", clsa::version(), clsa::backend_name(backend),
               clsa::device_name(device).c_str());
@@ -441,22 +300,18 @@ int run_demo(const DemoOptions& options) {
   };
   // A step as it runs: on CUDA a replay of the bucket's captured graph, on the CPU the calls.
   auto run_clsa = [&](Bucket& b) {
-#if CLSA_PROGRAM_WITH_CUDA
     if (graphs) {
-      b.clsa_step.launch(lane.cuda_stream());
-      return;
+      b.clsa_step.replay(lane.stream());
+    } else {
+      enqueue_clsa(b);
     }
-#endif
-    enqueue_clsa(b);
   };
   auto run_dense = [&](Bucket& b) {
-#if CLSA_PROGRAM_WITH_CUDA
     if (graphs) {
-      b.dense_step.launch(lane.cuda_stream());
-      return;
+      b.dense_step.replay(lane.stream());
+    } else {
+      enqueue_dense(b);
     }
-#endif
-    enqueue_dense(b);
   };
   // Slot `slot`'s layer-`layer` attention output, from a downloaded [layers, slots, ...] tensor.
   auto attention_output = [&](const Staged& out, int slots, int layer, int slot) {
@@ -505,19 +360,17 @@ int run_demo(const DemoOptions& options) {
     bucket.q.upload(lane);
 
     const bool warm_up = bucket.steps++ == 0;
-#if CLSA_PROGRAM_WITH_CUDA
     if (graphs && !bucket.clsa_step.captured()) {
-      bucket.clsa_step.capture(lane.cuda_stream(), [&] { enqueue_clsa(bucket); });
-      bucket.dense_step.capture(lane.cuda_stream(), [&] { enqueue_dense(bucket); });
+      bucket.clsa_step = cuda_support::CapturedGraph::capture(lane.stream(), [&] { enqueue_clsa(bucket); });
+      bucket.dense_step = cuda_support::CapturedGraph::capture(lane.stream(), [&] { enqueue_dense(bucket); });
     }
-#endif
-    lane.mark(0);
+    step_timer.mark(0);
     run_clsa(bucket);
-    lane.mark(1);
+    step_timer.mark(1);
     run_dense(bucket);
-    lane.mark(2);
-    const double clsa_seconds = lane.seconds(0, 1);
-    const double dense_seconds = lane.seconds(1, 2);
+    step_timer.mark(2);
+    const double clsa_seconds = step_timer.seconds(0, 1);
+    const double dense_seconds = step_timer.seconds(1, 2);
     if (graphs) {
       // A replay makes no host checks: kernels that met a sequence beyond the plan report it here.
       indexer.check_status();
