@@ -22,7 +22,6 @@
 #include <climits>
 #include <vector>
 
-#include <cooperative_groups.h>
 #include <cuda/atomic>
 
 #include "common.cuh"
@@ -41,7 +40,6 @@ constexpr int kMinChunk = 128;   // fewer, fuller splits: each split costs a mer
 constexpr int kMaxSplits = 512;  // bounds the merge's work
 constexpr int kMmaWarps = 8;     // the tensor-core kernel: 16 tokens per warp and step
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kMaxCluster = 16;  // splits merged in one thread-block cluster (sm_90; above 8 non-portable)
 
 template <class Elem, int D, int GP>
 struct Shape {
@@ -72,7 +70,6 @@ struct Params {
   float* partial_out;  // [rows, Hq, splits, D]
   float* partial_ml;   // [rows, Hq, splits, 2]
   unsigned* tickets;   // [rows, kv heads * head chunks], zero between calls
-  int cluster;         // CTAs of a thread-block cluster along the splits (== splits), or 1: merge by ticket
 };
 
 int next_power_of_two(int x) {
@@ -104,14 +101,13 @@ SplitPlan make_split_plan(int rows, int q_heads, int kv_heads, std::int64_t span
 }
 
 /// Shared memory of the attention kernel: the split's (page, slot) rows, then the per-lane-group
-/// partial results [groups][padded][dim] with their max and sum, then the CTA's (max, sum) per
-/// head for a cluster merge.
+/// partial results [groups][padded][dim] with their max and sum.
 __host__ __device__ inline std::size_t rows_bytes(const SplitPlan& plan) {
   return (static_cast<std::size_t>(plan.chunk) * sizeof(int2) + 15) / 16 * 16;
 }
 
 std::size_t shared_bytes(const SplitPlan& plan, int dim, int groups_per_cta) {
-  return rows_bytes(plan) + (static_cast<std::size_t>(groups_per_cta) * (dim + 2) + 2) * plan.padded * sizeof(float);
+  return rows_bytes(plan) + static_cast<std::size_t>(groups_per_cta) * plan.padded * (dim + 2) * sizeof(float);
 }
 
 /// Sum over the `Lanes` lanes of a group of N = Lanes values per lane; afterwards lane i of the
@@ -196,58 +192,18 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
   return work;
 }
 
-/// Output dims d4*4 .. d4*4+3 of query head `head` (and its lse) from the partial results of
-/// `splits` splits, `load(s)` giving split s's (o[4], (max, sum)): a running log-sum-exp in split
-/// order, every split's loads issued together (they do not depend on the running state).
-template <class Elem, int D, class Load>
-__device__ __forceinline__ void merge_splits(const AttentionArgs& a, int b, int t, int head, int d4, int splits,
-                                             Load load) {
-  float m = -INFINITY;
-  float l = 0.0f;
-  float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 16
-  for (int s = 0; s < splits; ++s) {
-    float4 x;
-    float2 split_ml;
-    load(s, x, split_ml);
-    const float new_max = fmaxf(m, split_ml.x);
-    const float keep = m == -INFINITY ? 0.0f : __expf(m - new_max);
-    const float take = split_ml.x == -INFINITY ? 0.0f : __expf(split_ml.x - new_max);
-    l = l * keep + split_ml.y * take;
-    o.x = o.x * keep + x.x * take;
-    o.y = o.y * keep + x.y * take;
-    o.z = o.z * keep + x.z * take;
-    o.w = o.w * keep + x.w * take;
-    m = new_max;
-  }
-  const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
-  if (d4 == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + head] = m + logf(l);
-  Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t + head * a.out_stride_h + d4 * 4;
-  out[0] = narrow<Elem>(o.x * inverse);
-  out[1] = narrow<Elem>(o.y * inverse);
-  out[2] = narrow<Elem>(o.z * inverse);
-  out[3] = narrow<Elem>(o.w * inverse);
-}
-
 /// After every one of the CTA's `groups` warps or lane groups has written its (acc, max, sum) for
 /// the `gp` heads of the chunk to shared memory (and a barrier): the groups combined in index order
-/// (deterministic, graph replays included), then the output (one split), or the merge of the
-/// splits: within the thread-block cluster that holds them all (p.cluster > 1: each CTA keeps its
-/// result in shared memory and merges a slice of the outputs from its peers' through distributed
-/// shared memory), else through the workspace (each split writes its partial result, and the last
-/// one to finish, found with an atomic ticket, merges them all). Both merge in split order with the
-/// same arithmetic, so they give the same bits.
+/// (deterministic, graph replays included), then the output (one split) or the split's partial
+/// result and, by the last split to finish, the merge of all splits.
 template <class Elem, int D, int Threads>
 __device__ void combine_and_merge(const Params& p, unsigned char* shared, int groups, int gp, const SplitWork& work,
                                   int first_head, int heads_here) {
   const AttentionArgs& a = p.a;
   const SplitPlan& plan = p.plan;
-  float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [groups][gp][D]
-  const float* group_max = group_acc + groups * gp * D;                    // [groups][gp]
-  const float* group_sum = group_max + groups * gp;                        // [groups][gp]
-  // Cluster merge: the CTA's result in group 0's slot of group_acc ([gp][D], each thread
-  // overwrites only what it alone read) and its (max, sum) per head here.
-  float* cta_ml = const_cast<float*>(group_sum) + groups * gp;  // [gp][2]
+  const float* group_acc = reinterpret_cast<const float*>(shared + rows_bytes(plan));  // [groups][gp][D]
+  const float* group_max = group_acc + groups * gp * D;                                // [groups][gp]
+  const float* group_sum = group_max + groups * gp;                                    // [groups][gp]
   __shared__ unsigned ticket;
   const int tid = threadIdx.x;
   const int row = blockIdx.x;
@@ -255,7 +211,6 @@ __device__ void combine_and_merge(const Params& p, unsigned char* shared, int gr
   const int b = work.b;
   const int t = work.t;
   const int q_heads = a.q_heads;
-  const bool in_cluster = p.cluster > 1;
   for (int i = tid; i < heads_here * D; i += Threads) {
     const int g = i / D;
     const int d = i % D;
@@ -274,12 +229,6 @@ __device__ void combine_and_merge(const Params& p, unsigned char* shared, int gr
       Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t + head * a.out_stride_h;
       out[d] = narrow<Elem>(l > 0.0f ? o / l : 0.0f);
       if (d == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + head] = m + logf(l);
-    } else if (in_cluster) {
-      group_acc[g * D + d] = o;
-      if (d == 0) {
-        cta_ml[2 * g] = m;
-        cta_ml[2 * g + 1] = l;
-      }
     } else {
       const std::size_t slot = (static_cast<std::size_t>(row) * q_heads + head) * plan.splits + split;
       p.partial_out[slot * D + d] = o;
@@ -290,28 +239,7 @@ __device__ void combine_and_merge(const Params& p, unsigned char* shared, int gr
     }
   }
   if (plan.splits == 1) return;
-  const int splits = plan.splits;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (in_cluster) {
-    // The cluster spans the splits (grid z): split s is cluster rank s.
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();  // every split's result is in its shared memory
-    const int items = heads_here * (D / 4);
-    const int per_split = (items + splits - 1) / splits;
-    const int end = min(items, (split + 1) * per_split);
-    for (int i = split * per_split + tid; i < end; i += Threads) {
-      const int g = i / (D / 4);
-      const int d4 = i % (D / 4);
-      merge_splits<Elem, D>(a, b, t, first_head + g, d4, splits, [&](int s, float4& x, float2& ml) {
-        x = *reinterpret_cast<const float4*>(cluster.map_shared_rank(group_acc + g * D + d4 * 4, s));
-        ml = *reinterpret_cast<const float2*>(cluster.map_shared_rank(cta_ml + 2 * g, s));
-      });
-    }
-    cluster.sync();  // no CTA leaves while a peer may still read its shared memory
-    return;
-  }
-#endif
   // The last split to finish merges them all. Thread 0's acq_rel ticket, after the barrier,
   // releases every thread's partial writes (and acquires the other splits' for the last CTA).
   __syncthreads();
@@ -321,17 +249,41 @@ __device__ void combine_and_merge(const Params& p, unsigned char* shared, int gr
     ticket = ticket_ref.fetch_add(1u, cuda::memory_order_acq_rel);
   }
   __syncthreads();
-  if (ticket != static_cast<unsigned>(splits - 1)) return;
+  if (ticket != static_cast<unsigned>(plan.splits - 1)) return;
+  const int splits = plan.splits;
   const std::size_t first = static_cast<std::size_t>(row) * q_heads + first_head;  // (row, head) of g = 0
+  // One pass per (head, four dimensions): a running log-sum-exp over the splits in split order, the
+  // loads of 16 splits issued together (they do not depend on the running state).
   for (int i = tid; i < heads_here * (D / 4); i += Threads) {
     const int g = i / (D / 4);
     const int d4 = i % (D / 4);
     const float4* partial = reinterpret_cast<const float4*>(p.partial_out + (first + g) * splits * D) + d4;
-    const float2* partial_ml = reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits;
-    merge_splits<Elem, D>(a, b, t, first_head + g, d4, splits, [&](int s, float4& x, float2& ml) {
-      ml = __ldcg(partial_ml + s);
-      x = __ldcg(partial + static_cast<std::size_t>(s) * (D / 4));
-    });
+    const float2* ml = reinterpret_cast<const float2*>(p.partial_ml) + (first + g) * splits;
+    float m = -INFINITY;
+    float l = 0.0f;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 16
+    for (int s = 0; s < splits; ++s) {
+      const float2 split_ml = __ldcg(ml + s);
+      const float4 x = __ldcg(partial + static_cast<std::size_t>(s) * (D / 4));
+      const float new_max = fmaxf(m, split_ml.x);
+      const float keep = m == -INFINITY ? 0.0f : __expf(m - new_max);
+      const float take = split_ml.x == -INFINITY ? 0.0f : __expf(split_ml.x - new_max);
+      l = l * keep + split_ml.y * take;
+      o.x = o.x * keep + x.x * take;
+      o.y = o.y * keep + x.y * take;
+      o.z = o.z * keep + x.z * take;
+      o.w = o.w * keep + x.w * take;
+      m = new_max;
+    }
+    const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
+    if (d4 == 0 && a.lse != nullptr) a.lse[b * a.lse_stride_b + t * a.lse_stride_t + first_head + g] = m + logf(l);
+    Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t +
+                (first_head + g) * a.out_stride_h + d4 * 4;
+    out[0] = narrow<Elem>(o.x * inverse);
+    out[1] = narrow<Elem>(o.y * inverse);
+    out[2] = narrow<Elem>(o.z * inverse);
+    out[3] = narrow<Elem>(o.w * inverse);
   }
   if (tid == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
@@ -896,11 +848,8 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
       }
     }
     allow_shared_memory(kernel, shared, "cudaFuncSetAttribute (attention)");
-    plan.cluster[slot] = largest_cluster(kernel, v.threads, shared, kMaxCluster);
     if (v.block_kernel != nullptr) {
-      const void* block_kernel = reinterpret_cast<const void*>(v.block_kernel);
-      allow_shared_memory(block_kernel, shared, "cudaFuncSetAttribute (attention)");
-      plan.cluster[slot] = std::min(plan.cluster[slot], largest_cluster(block_kernel, v.threads, shared, kMaxCluster));
+      allow_shared_memory(reinterpret_cast<const void*>(v.block_kernel), shared, "cudaFuncSetAttribute (attention)");
     }
   }
   partials *= static_cast<std::size_t>(q_heads);
@@ -929,15 +878,14 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
                   static_cast<unsigned>(splits.splits));
   const std::size_t shared = shared_bytes(splits, v.dim, v.groups_per_cta);
-  // The splits of a (row, kv head) as one cluster where the device can place it: they merge
-  // through distributed shared memory instead of the workspace and a ticket.
-  params.cluster = splits.splits > 1 && splits.splits <= plan.cluster[slot] ? splits.splits : 1;
-  LaunchAttributes attributes;
-  attributes.cluster(1, 1, params.cluster);
-  const bool block = args.kv != nullptr && args.positions != nullptr && v.block_kernel != nullptr;
-  if (block) attributes.persisting(args.kv, args.kv_bytes, args.kv_l2_hit_ratio);
-  launch_kernel(block ? v.block_kernel : v.kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
-                attributes, block ? "attention_kernel (block)" : "attention_kernel", params);
+  if (args.kv != nullptr && args.positions != nullptr && v.block_kernel != nullptr) {
+    launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
+                  LaunchAttributes{}.persisting(args.kv, args.kv_bytes, args.kv_l2_hit_ratio),
+                  "attention_kernel (block)", params);
+    return;
+  }
+  v.kernel<<<grid, v.threads, shared, stream>>>(params);
+  detail::cuda_check_launch("attention_kernel");
 }
 
 }  // namespace cuda_kernels

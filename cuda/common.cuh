@@ -209,12 +209,12 @@ struct LaunchAttributes {
     ++count;
     return *this;
   }
-  LaunchAttributes& cluster(int x, int y = 1, int z = 1) {
-    if (x * y * z <= 1) return *this;
+  LaunchAttributes& cluster(int x) {
+    if (x <= 1) return *this;
     list[count].id = cudaLaunchAttributeClusterDimension;
     list[count].val.clusterDim.x = static_cast<unsigned>(x);
-    list[count].val.clusterDim.y = static_cast<unsigned>(y);
-    list[count].val.clusterDim.z = static_cast<unsigned>(z);
+    list[count].val.clusterDim.y = 1;
+    list[count].val.clusterDim.z = 1;
     ++count;
     return *this;
   }

@@ -109,7 +109,6 @@ struct AttentionPlan {
   int q_heads = 0, kv_heads = 0, dim = 0;
   int variant[3] = {-1, -1, -1};  // by DType: index into the kernel table
   std::int64_t slots[3] = {};     // resident CTAs of the variant on the device (multiprocessors x per SM)
-  int cluster[3] = {1, 1, 1};     // the most splits the device places as one thread-block cluster
   std::size_t partial_out_offset = 0, partial_ml_offset = 0, bytes = 0;  // workspace layout
 };
 /// Throws Error(unsupported) for a (head_dim, group) without kernels.
