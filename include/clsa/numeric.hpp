@@ -1,5 +1,6 @@
-// Scalar helpers shared by the CPU paths, the CUDA kernels and tests: 16-bit float storage types
-// with exact conversions, and the order-preserving key that defines routing order.
+// Scalar helpers shared by the CPU paths, the CUDA kernels and tests: 16-bit and 8-bit float
+// storage types with exact conversions, the fp8 per-row scales, and the order-preserving key that
+// defines routing order.
 #pragma once
 
 #include <cstdint>
@@ -92,6 +93,85 @@ CLSA_HOST_DEVICE float16 to_float16(float x) {
   return float16{static_cast<std::uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
 }
 
+/// OCP FP8 E4M3 storage ("e4m3fn", CUDA's __nv_fp8_e4m3, torch.float8_e4m3fn): 1 sign, 4 exponent
+/// (bias 7) and 3 mantissa bits; no infinities; S.1111.111 is NaN; the largest finite value is 448,
+/// the smallest subnormal 2^-9.
+struct float8_e4m3 {
+  std::uint8_t bits;
+};
+
+/// The largest finite e4m3 value.
+constexpr float kFloat8E4m3Max = 448.0f;
+
+/// Exact (every e4m3 value is a float).
+CLSA_HOST_DEVICE float to_float(float8_e4m3 x) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(x.bits & 0x80u) << 24;
+  const std::uint32_t exponent = (x.bits >> 3) & 0xfu;
+  const std::uint32_t mantissa = x.bits & 0x7u;
+  if (exponent == 0xfu && mantissa == 0x7u) return bits_float(sign | 0x7fc00000u);
+  if (exponent == 0) return bits_float(sign | float_bits(static_cast<float>(mantissa) * (1.0f / 512.0f)));
+  return bits_float(sign | ((exponent + 127u - 7u) << 23) | (mantissa << 20));
+}
+
+/// Round to nearest even, saturating: finite values beyond +-448 and +-inf give +-448 (CUDA's
+/// __NV_SATFINITE conversion); NaN gives NaN (S.1111.111, the input's sign).
+CLSA_HOST_DEVICE float8_e4m3 to_float8_e4m3(float x) {
+  const std::uint32_t u = float_bits(x);
+  const std::uint8_t sign = static_cast<std::uint8_t>((u >> 24) & 0x80u);
+  const std::uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return float8_e4m3{static_cast<std::uint8_t>(sign | 0x7fu)};
+  if (abs >= 0x43e00000u) return float8_e4m3{static_cast<std::uint8_t>(sign | 0x7eu)};  // >= 448 (and inf)
+  std::uint32_t code;
+  std::uint32_t remainder;
+  std::uint32_t halfway;
+  if (abs >= 0x3c800000u) {  // >= 2^-6, the smallest normal e4m3: keep 3 of the 23 mantissa bits
+    code = ((abs >> 23) - 127u + 7u) << 3 | ((abs >> 20) & 0x7u);
+    remainder = abs & 0xfffffu;
+    halfway = 0x80000u;
+  } else {  // subnormal e4m3: multiples of 2^-9
+    const std::uint32_t exponent = abs >> 23;
+    if (exponent < 127u - 10u) return float8_e4m3{sign};  // below 2^-10, half the smallest subnormal
+    const std::uint32_t significand = (abs & 0x7fffffu) | 0x800000u;
+    const std::uint32_t shift = 127u - 9u + 23u - exponent;  // 21 .. 24
+    code = significand >> shift;
+    remainder = significand & ((1u << shift) - 1u);
+    halfway = 1u << (shift - 1u);
+  }
+  // A carry out of the mantissa moves to the next binade (or from subnormal to normal) correctly.
+  if (remainder > halfway || (remainder == halfway && (code & 1u))) ++code;
+  return float8_e4m3{static_cast<std::uint8_t>(sign | code)};
+}
+
+/// How an fp8 row's scale is stored: any f32, or a power of two (DeepGEMM's "ue8m0" scales, exact
+/// in an 8-bit exponent).
+enum class ScaleFormat { f32, ue8m0 };
+
+/// The scale of an fp8 row whose largest magnitude is `absmax`: max(absmax, 1e-4) / 448 (so the
+/// row's largest value maps to 448; a row of zeros keeps a usable scale), or with ue8m0 the
+/// smallest power of two not below it. The vLLM / DeepGEMM indexer-cache convention.
+CLSA_HOST_DEVICE float fp8_row_scale(float absmax, ScaleFormat format) {
+  const float scale = (absmax > 1e-4f ? absmax : 1e-4f) / kFloat8E4m3Max;
+  if (format == ScaleFormat::f32) return scale;
+  const std::uint32_t u = float_bits(scale);
+  const std::uint32_t power = u & 0x7f800000u;  // scale is a positive normal float
+  return bits_float((u & 0x7fffffu) != 0 ? power + 0x800000u : power);
+}
+
+/// Quantizes values[0..n) to e4m3 with one scale for the row (fp8_row_scale of their largest
+/// magnitude), out[i] = to_float8_e4m3(values[i] / scale); returns the scale. Values must be
+/// finite: callers check (a NaN would be stored as NaN and an infinity would set the scale).
+template <class T>
+CLSA_HOST_DEVICE float quantize_row_e4m3(const T* values, int n, float8_e4m3* out, ScaleFormat format) {
+  float absmax = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float magnitude = to_float(values[i]) < 0.0f ? -to_float(values[i]) : to_float(values[i]);
+    absmax = magnitude > absmax ? magnitude : absmax;
+  }
+  const float scale = fp8_row_scale(absmax, format);
+  for (int i = 0; i < n; ++i) out[i] = to_float8_e4m3(to_float(values[i]) / scale);
+  return scale;
+}
+
 template <class T>
 CLSA_HOST_DEVICE T from_float(float x);
 template <>
@@ -105,6 +185,10 @@ CLSA_HOST_DEVICE bfloat16 from_float<bfloat16>(float x) {
 template <>
 CLSA_HOST_DEVICE float16 from_float<float16>(float x) {
   return to_float16(x);
+}
+template <>
+CLSA_HOST_DEVICE float8_e4m3 from_float<float8_e4m3>(float x) {
+  return to_float8_e4m3(x);
 }
 
 /// Order-preserving map of a score to an unsigned key: a > b (as floats) <=> key(a) > key(b);
