@@ -2,7 +2,10 @@
 // select() or forward() over it, they must not move (the graph holds their addresses). A refill
 // that fits is written in place and the next replay follows it; a refill that would grow the
 // tables raises Error(capacity_exceeded) naming reserve_batch and leaves the batch, and so the
-// graph, as they were. On the CPU nothing is captured and refills grow freely.
+// graph, as they were; so does one that would give it other tables (a wrap into it, a refill of
+// captured engine tables from the cache: Error(invalid_argument)). On the CPU nothing is captured
+// and refills grow freely; one case marks a CPU batch by hand, as select() marks one, to pin every
+// refusal without a GPU.
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -10,6 +13,8 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "cuda_support.hpp"
+#include "fixtures.hpp"
 #include "support.hpp"
 
 #if CLSA_TEST_WITH_CUDA
@@ -21,10 +26,9 @@ namespace {
 using clsa::DType;
 using clsa::SequenceId;
 
-constexpr int kQHeads = 8, kKvHeads = 2, kHeadDim = 64;
-constexpr int kIndexHeads = 4, kIndexDim = 64;
+constexpr test::StepShape kShape{8, 2, 64, 4, 64, 16};  // Hq, Hkv, D, H_idx, D_idx, page size
+constexpr int kPageSize = kShape.page_size;
 constexpr int kTopK = 64;
-constexpr int kPageSize = 16;
 constexpr int kMaxSequences = 4;
 constexpr std::int64_t kMaxLength = 2048;
 // Sequence 0 is long and 1 short: a batch made for {0} and refilled for {0, 1} grows room for
@@ -32,46 +36,15 @@ constexpr std::int64_t kMaxLength = 2048;
 const std::vector<std::int64_t> kLengths = {600, 90, 900};
 
 clsa::CacheConfig cache_config() {
-  clsa::CacheConfig config;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  config.index_dim = kIndexDim;
-  config.page_size = kPageSize;
-  config.max_pages = test::pages_for(kLengths, kPageSize, /*spare*/ 16);
-  config.dtype = DType::bf16;
-  return config;
-}
-
-clsa::IndexerConfig indexer_config() {
-  clsa::IndexerConfig config;
-  config.num_heads = kIndexHeads;
-  config.index_dim = kIndexDim;
-  config.top_k = kTopK;
-  config.sink_tokens = 2;
-  config.local_window = 8;
-  config.scale = 1.0f;
-  return config;
-}
-
-clsa::AttentionConfig attention_config() {
-  clsa::AttentionConfig config;
-  config.num_q_heads = kQHeads;
-  config.num_kv_heads = kKvHeads;
-  config.head_dim = kHeadDim;
-  return config;
+  return kShape.cache_config(test::pages_for(kLengths, kPageSize, /*spare*/ 16));
 }
 
 /// The components of one step (select + one sparse layer), planned for the same bounds wherever
 /// they are made, so that fresh ones give the same bits as reused ones.
-struct StepComponents {
-  clsa::CrossLayerIndexer indexer;
-  clsa::SparseCrossAttention attention;
-  explicit StepComponents(clsa::Backend backend)
-      : indexer(indexer_config(), backend), attention(attention_config(), backend) {
-    indexer.reserve(kMaxSequences, 1, kMaxLength);
-    attention.reserve(kMaxSequences, 1, kTopK);
-  }
-};
+test::Components step_components(clsa::Backend backend) {
+  return test::Components(backend, kShape.indexer_config(kTopK, /*sink_tokens*/ 2, /*local_window*/ 8),
+                          kShape.attention_config(), kMaxSequences, /*tokens*/ 1, kMaxLength);
+}
 
 /// One step's tensors for `sequences` slots and T = 1, seeded random values, on the backend's device.
 struct StepTensors {
@@ -84,18 +57,18 @@ struct StepTensors {
       for (double& x : values) x = rng.uniform_real(lo, hi);
       return test::on_device(test::make_host(values, dtype, shape), backend);
     };
-    q_idx = random({sequences, 1, kIndexHeads, kIndexDim}, DType::bf16, -1.0, 1.0);
-    weights = random({sequences, 1, kIndexHeads}, DType::f32, 0.5, 1.5);
-    q = random({sequences, 1, kQHeads, kHeadDim}, DType::bf16, -1.0, 1.0);
-    out = random({sequences, 1, kQHeads, kHeadDim}, DType::bf16, -1.0, 1.0);
+    q_idx = random({sequences, 1, kShape.index_heads, kShape.index_dim}, DType::bf16, -1.0, 1.0);
+    weights = random({sequences, 1, kShape.index_heads}, DType::f32, 0.5, 1.5);
+    q = random({sequences, 1, kShape.q_heads, kShape.head_dim}, DType::bf16, -1.0, 1.0);
+    out = random({sequences, 1, kShape.q_heads, kShape.head_dim}, DType::bf16, -1.0, 1.0);
   }
 };
 
 /// The step as an engine enqueues (or captures) it.
-clsa::RoutingIndex enqueue_step(StepComponents& components, const clsa::CacheBatch& batch, StepTensors& tensors,
+clsa::RoutingIndex enqueue_step(test::Components& components, const clsa::CacheBatch& batch, StepTensors& tensors,
                                 clsa::Stream stream) {
   const clsa::RoutingIndex routing = components.indexer.select(batch, tensors.q_idx, tensors.weights, stream);
-  components.attention.forward(batch, routing, tensors.q, tensors.out, stream);
+  components.sparse.forward(batch, routing, tensors.q, tensors.out, stream);
   return routing;
 }
 
@@ -120,14 +93,22 @@ void require_same(const StepResult& actual, const StepResult& expected, const ch
 /// the same inputs.
 StepResult eager_on_fresh_objects(const test::CacheFixture& fixture, const std::vector<SequenceId>& ids,
                                   const StepTensors& inputs, clsa::Stream stream) {
-  StepComponents fresh(fixture.backend);
+  test::Components fresh = step_components(fixture.backend);
   const clsa::CacheBatch batch = fixture.cache.batch(ids, stream);
   StepTensors tensors = inputs;  // shares the inputs
-  tensors.out = clsa::Tensor::empty({static_cast<std::int64_t>(ids.size()), 1, kQHeads, kHeadDim}, DType::bf16,
-                                    inputs.out.device());
+  tensors.out = clsa::Tensor::empty({static_cast<std::int64_t>(ids.size()), 1, kShape.q_heads, kShape.head_dim},
+                                    DType::bf16, inputs.out.device());
   const clsa::RoutingIndex routing = enqueue_step(fresh, batch, tensors, stream);
   clsa::synchronize(stream);
   return read_result(routing, tensors.out);
+}
+
+/// A growable batch (not reserve_batch) of sequences 0 and 1: made for {0}, then refilled for
+/// {0, 1}, so that its tables have room for more pages than {0, 1} hold.
+clsa::CacheBatch growable_batch(const test::CacheFixture& fixture, clsa::Stream stream) {
+  clsa::CacheBatch batch = fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0]}, stream);
+  fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0], fixture.ids[1]}, batch, stream);
+  return batch;
 }
 
 /// Pages that the batch's tables need for these sequences (empty slots hold none).
@@ -172,6 +153,14 @@ struct BatchSnapshot {
   }
 };
 
+/// The batch's tables handed over as an engine's (CacheBatch::wrap). CPU only: there its device
+/// tables are host memory and serve as the host copies too.
+clsa::PageTableView engine_tables_of(const clsa::CacheBatch& batch) {
+  return {batch.num_sequences(),       batch.device_page_indptr(),
+          batch.device_page_indices(), batch.device_last_page_lengths(),
+          batch.device_page_indptr(),  batch.device_last_page_lengths()};
+}
+
 /// The message of the Error(capacity_exceeded) that `refill` must raise.
 template <class Refill>
 std::string refusal_of(Refill&& refill) {
@@ -193,9 +182,8 @@ TEST_CASE("captured refill: on the CPU a growable batch grows freely", "[cache]"
   test::Rng rng(test::base_seed() + 170);
   test::CacheFixture fixture(cache_config(), backend, kLengths, rng);
   const std::vector<SequenceId> first = {fixture.ids[0], fixture.ids[1]};
-  clsa::CacheBatch batch = fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0]});
-  fixture.cache.batch(first, batch);
-  StepComponents components(backend);
+  clsa::CacheBatch batch = growable_batch(fixture, {});
+  test::Components components = step_components(backend);
   StepTensors tensors(2, rng, backend);
   const clsa::RoutingIndex routing = enqueue_step(components, batch, tensors, {});
   require_same(read_result(routing, tensors.out), eager_on_fresh_objects(fixture, first, tensors, {}),
@@ -223,69 +211,97 @@ TEST_CASE("captured refill: on the CPU a growable batch grows freely", "[cache]"
   CHECK_FALSE(batch.captured());
 }
 
-#if CLSA_TEST_WITH_CUDA
-namespace {
+TEST_CASE("captured refill: a captured batch refuses what would move or replace its tables (marked by hand, cpu)",
+          "[cache]") {
+  // select() and forward() mark a batch only while their stream captures a CUDA graph, so only on
+  // CUDA (the test below). The refusals are host code that does not depend on the backend: here
+  // the batch is marked as select() marks it (clsa::detail::mark_captured), to check them all
+  // without a GPU.
+  const clsa::Backend backend = clsa::Backend::cpu;
+  test::Rng rng(test::base_seed() + 171);
+  test::CacheFixture fixture(cache_config(), backend, kLengths, rng);
+  const std::vector<SequenceId> ids = {fixture.ids[0], fixture.ids[1]};
+  clsa::CacheBatch batch = growable_batch(fixture, {});
+  clsa::detail::mark_captured(batch);
+  REQUIRE(batch.captured());
+  const BatchSnapshot before(batch);
 
-void check_cuda(cudaError_t status, const char* what) {
-  INFO(what << ": " << cudaGetErrorString(status));
-  REQUIRE(status == cudaSuccess);
+  // Refills that would grow the tables (more pages, then more sequences than they hold):
+  // capacity_exceeded naming reserve_batch, the batch as it was.
+  const std::vector<SequenceId> more_pages = {fixture.ids[0], fixture.ids[2]};
+  REQUIRE(pages_held(fixture, more_pages) > batch.page_capacity());
+  CLSA_REQUIRE_ERROR(fixture.cache.batch(more_pages, batch), clsa::ErrorCode::capacity_exceeded,
+                     "SharedKVCache::reserve_batch(max_sequences, max_length)");
+  before.require_unchanged(batch);
+  const std::vector<SequenceId> more_sequences = {fixture.ids[0], fixture.ids[1], clsa::empty_slot};
+  CLSA_REQUIRE_ERROR(fixture.cache.batch(more_sequences, batch), clsa::ErrorCode::capacity_exceeded,
+                     "3 sequences holding");
+  before.require_unchanged(batch);
+
+  // Engine tables wrapped into it would replace the tables: invalid_argument, the batch as it was.
+  CLSA_REQUIRE_ERROR(clsa::CacheBatch::wrap(batch.layout(), engine_tables_of(batch), batch),
+                     clsa::ErrorCode::invalid_argument, "must not move while the graph lives");
+  before.require_unchanged(batch);
+  CHECK(batch.captured());
+
+  // A refill that fits is still written in place.
+  const std::vector<SequenceId> swapped = {fixture.ids[1], fixture.ids[0]};
+  fixture.cache.batch(swapped, batch);
+  CHECK(batch.device_page_indptr() == before.page_indptr);
+  CHECK(batch.length(0) == kLengths[1]);
+  CHECK(batch.captured());
+
+  // Captured engine tables refilled from the cache would be replaced by the cache's:
+  // invalid_argument, the wrapped batch as it was.
+  clsa::CacheBatch wrapped = clsa::CacheBatch::wrap(batch.layout(), engine_tables_of(batch));
+  clsa::detail::mark_captured(wrapped);
+  REQUIRE(wrapped.captured());
+  const BatchSnapshot before_wrapped(wrapped);
+  CLSA_REQUIRE_ERROR(fixture.cache.batch(ids, wrapped), clsa::ErrorCode::invalid_argument,
+                     "would give it other tables than the graph reads");
+  before_wrapped.require_unchanged(wrapped);
+  CHECK(wrapped.captured());
 }
 
-}  // namespace
-
+#if CLSA_TEST_WITH_CUDA
 TEST_CASE("captured refill: a graph over a growable batch refuses a refill that would move its tables",
           "[cache][cuda]") {
   CLSA_SKIP_WITHOUT_GPU();
+  using cuda_support::check_cuda;
   const clsa::Backend backend = clsa::Backend::cuda;
   test::Rng rng(test::base_seed() + 170);
   test::CacheFixture fixture(cache_config(), backend, kLengths, rng);
-  cudaStream_t cuda_stream = nullptr;
-  check_cuda(cudaStreamCreateWithFlags(&cuda_stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  const clsa::Stream stream(cuda_stream);
+  const cuda_support::OwnedStream owned_stream(fixture.cache.device());  // non-blocking
+  const clsa::Stream stream = owned_stream.stream();
   // The fixture appended on the default stream, which a non-blocking stream does not wait for.
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (appends)");
 
-  // A growable batch (not reserve_batch): made for {0}, refilled for {0, 1}, it grew room for
-  // more pages than {0, 1} hold.
   const std::vector<SequenceId> ids = {fixture.ids[0], fixture.ids[1]};
-  clsa::CacheBatch batch = fixture.cache.batch(std::vector<SequenceId>{fixture.ids[0]}, stream);
-  fixture.cache.batch(ids, batch, stream);
+  clsa::CacheBatch batch = growable_batch(fixture, stream);
   REQUIRE_FALSE(batch.fixed_capacity());
   REQUIRE(batch.capacity() == 2);
   const std::int64_t page_capacity = batch.page_capacity();
   REQUIRE(page_capacity >= pages_held(fixture, ids) + 2);
 
-  StepComponents components(backend);
+  test::Components components = step_components(backend);
   StepTensors tensors(2, rng, backend);
   // Eager calls leave the batch unmarked.
   enqueue_step(components, batch, tensors, stream);
-  check_cuda(cudaStreamSynchronize(cuda_stream), "eager step");
+  owned_stream.wait();
   CHECK_FALSE(batch.captured());
 
-  cudaGraph_t graph = nullptr;
   clsa::RoutingIndex routing;
-  check_cuda(cudaStreamBeginCapture(cuda_stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
-  try {
-    routing = enqueue_step(components, batch, tensors, stream);
-  } catch (...) {
-    // Leave the stream out of capture mode before the error goes on.
-    (void)cudaStreamEndCapture(cuda_stream, &graph);
-    if (graph != nullptr) (void)cudaGraphDestroy(graph);
-    throw;
-  }
-  check_cuda(cudaStreamEndCapture(cuda_stream, &graph), "cudaStreamEndCapture");
-  cudaGraphExec_t exec = nullptr;
-  check_cuda(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
-  check_cuda(cudaGraphDestroy(graph), "cudaGraphDestroy");
+  const cuda_support::CapturedGraph graph =
+      cuda_support::CapturedGraph::capture(stream, [&] { routing = enqueue_step(components, batch, tensors, stream); });
   REQUIRE(batch.captured());
   const clsa::CacheBatch copy = batch;  // copies share the tables, and so the mark
   CHECK(copy.captured());
 
   // Poisons the output, replays, and reads what the replay wrote.
   auto replay = [&] {
-    check_cuda(cudaMemsetAsync(tensors.out.view().data(), 0xff, tensors.out.bytes(), cuda_stream), "poison");
-    check_cuda(cudaGraphLaunch(exec, cuda_stream), "cudaGraphLaunch");
-    check_cuda(cudaStreamSynchronize(cuda_stream), "replay");
+    owned_stream.fill(tensors.out.view().data(), 0xff, tensors.out.bytes());
+    graph.replay(stream);
+    owned_stream.wait();
     components.indexer.check_status();
     return read_result(routing, tensors.out);
   };
@@ -336,8 +352,5 @@ TEST_CASE("captured refill: a graph over a growable batch refuses a refill that 
   fixture.cache.batch(swapped, batch, stream);
   CHECK(batch.device_page_indptr() == before_fit.page_indptr);
   require_same(replay(), eager_on_fresh_objects(fixture, swapped, tensors, stream), "a replay after a swap");
-
-  check_cuda(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
-  check_cuda(cudaStreamDestroy(cuda_stream), "cudaStreamDestroy");
 }
 #endif
