@@ -156,13 +156,14 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
     length = 0;
   }
   const int visible = visible_length(length, a.tokens, work.t);
+  const RoutingRows& routing = a.routing.rows;
   int count = visible;
   const std::int32_t* routed = nullptr;
   const std::int32_t* slots = nullptr;
-  if (a.positions != nullptr) {
-    count = min(max(a.counts[work.b * a.counts_stride_b + work.t * a.counts_stride_t], 0), a.top_k);
-    routed = a.positions + work.b * a.positions_stride_b + work.t * a.positions_stride_t;
-    if (a.slots != nullptr) slots = a.slots + work.b * a.slots_stride_b + work.t * a.slots_stride_t;
+  if (routing.positions != nullptr) {
+    count = routing.clamped_count(work.b, work.t);
+    routed = routing.row_positions(work.b, work.t);
+    slots = routing.row_slots(work.b, work.t);
   }
   const int begin = split * plan.chunk;
   work.n = max(0, min(count, begin + plan.chunk) - begin);
@@ -170,7 +171,7 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
   // below top_k exists), so that the count, the lengths and the positions take one round trip;
   // with slots there is no page-table lookup after it. Slots outside the pool are skipped like
   // positions outside the visible range.
-  const int in_split = routed != nullptr ? min(plan.chunk, a.top_k - begin) : work.n;
+  const int in_split = routed != nullptr ? min(plan.chunk, routing.top_k - begin) : work.n;
   if (slots != nullptr) {
     for (int i = threadIdx.x; i < in_split; i += Threads) {
       const int position = routed[begin + i];
@@ -527,10 +528,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
 ///     that m-tile mt's rows g and g+8 are dims E*g + 2mt and E*g + 2mt + 1 (E = D / 8): the lane
 ///     loads dims [E*g, E*g + E) of its four tokens (16-byte loads) and pairs their halves.
 ///
-/// With kBlock the K and V rows come from the routed block that select() gathered (a.kv: per query
-/// row and kv head, top_k rows of K, then of V, contiguous): no positions, no page tables. The
-/// first step's loads are issued before the routed count arrives (every row below top_k exists in
-/// the block; rows past the count are masked), so the count and the K/V take one round trip.
+/// With kBlock the K and V rows come from the routed block that select() gathered (RoutingRows::kv:
+/// per query row and kv head, top_k rows of K, then of V, contiguous): no positions, no page
+/// tables. The first step's loads are issued before the routed count arrives (every row below top_k
+/// exists in the block; rows past the count are masked), so the count and the K/V take one round
+/// trip.
 template <class Elem, int D, bool kBlock>
 __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p) {
   static_assert(D == 64 || D == 128, "the tensor-core kernel takes head_dim 64 or 128");
@@ -581,14 +583,15 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
     work.b = static_cast<int>(blockIdx.x) / a.tokens;
     work.t = static_cast<int>(blockIdx.x) % a.tokens;
     const int begin = static_cast<int>(blockIdx.z) * plan.chunk;
-    in_memory = min(plan.chunk, a.top_k - begin);
-    const std::size_t head_rows = static_cast<std::size_t>(a.top_k) * D;  // elements per (row, K|V, kv head)
-    const Elem* block = static_cast<const Elem*>(a.kv) +
-                        (static_cast<std::size_t>(blockIdx.x) * 2 * a.kv_heads + kv_head) * head_rows +
+    const RoutingRows& routing = a.routing.rows;
+    in_memory = min(plan.chunk, routing.top_k - begin);
+    const std::size_t head_rows = static_cast<std::size_t>(routing.top_k) * D;  // elements per (row, K|V, kv head)
+    const Elem* block = static_cast<const Elem*>(routing.kv) +
+                        RoutingRows::kv_offset(blockIdx.x, a.kv_heads, kv_head, head_rows) +
                         static_cast<std::size_t>(begin) * D;
     k_base = block + q * 8;
     v_base = block + static_cast<std::size_t>(a.kv_heads) * head_rows + g * kDimsPerRow;
-    const int count = min(max(a.counts[work.b * a.counts_stride_b + work.t * a.counts_stride_t], 0), a.top_k);
+    const int count = routing.clamped_count(work.b, work.t);
     work.n = max(0, min(count, begin + plan.chunk) - begin);
   } else {
     work = split_rows<kMmaThreads>(p, rows);
@@ -867,8 +870,9 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   Params params{};
   params.a = args;
   params.plan = split_plan(plan, slot, rows);
+  const RoutingArgs& routing = args.routing;
   params.max_length =
-      args.positions != nullptr ? INT_MAX : static_cast<int>(std::min<std::int64_t>(plan.span, INT_MAX));
+      routing.rows.positions != nullptr ? INT_MAX : static_cast<int>(std::min<std::int64_t>(plan.span, INT_MAX));
   params.page_shift = page_shift_of(args.layout.page_size);
   auto* base = static_cast<unsigned char*>(workspace);
   params.tickets = reinterpret_cast<unsigned*>(base);
@@ -878,9 +882,9 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
                   static_cast<unsigned>(splits.splits));
   const std::size_t shared = shared_bytes(splits, v.dim, v.groups_per_cta);
-  if (args.kv != nullptr && args.positions != nullptr && v.block_kernel != nullptr) {
+  if (routing.rows.kv != nullptr && routing.rows.positions != nullptr && v.block_kernel != nullptr) {
     launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
-                  LaunchAttributes{}.persisting(args.kv, args.kv_bytes, args.kv_l2_hit_ratio),
+                  LaunchAttributes{}.persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
                   "attention_kernel (block)", params);
     return;
   }

@@ -156,14 +156,16 @@ void set_tables(Args& args, const BatchTables& batch) {
   args.num_sequences = batch.num_sequences;
 }
 
-/// The routed K/V block (RoutingIndex::kv), as the kernels' argument structs hold it: its data,
-/// size and the hit ratio of its persisting-L2 window (nothing when the view is undefined).
-template <class Args>
-void set_routed_kv(Args& args, const TensorView& kv) {
-  if (!kv.defined()) return;
-  args.kv = kv.data();
-  args.kv_bytes = static_cast<std::size_t>(kv.numel()) * dtype_size(kv.dtype());
-  args.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(args.kv_bytes);
+/// A routing index as the kernels' argument structs (IndexerArgs, AttentionArgs) hold it: its rows,
+/// and its routed K/V block's size and the hit ratio of its persisting-L2 window (zero without kv).
+cuda_kernels::RoutingArgs routing_args(const RoutingIndex& index) {
+  cuda_kernels::RoutingArgs routing{};
+  routing.rows = RoutingRows::of(index);
+  if (index.kv.defined()) {
+    routing.kv_bytes = static_cast<std::size_t>(index.kv.numel()) * dtype_size(index.kv.dtype());
+    routing.kv_l2_hit_ratio = cuda_kernels::routed_kv_hit_ratio(routing.kv_bytes);
+  }
+  return routing;
 }
 
 class CudaBackend final : public ComputeBackend {
@@ -293,22 +295,10 @@ class CudaBackend final : public ComputeBackend {
     args.w_stride_t = call.head_weights.stride(1);
     args.heads = c.num_heads;
     args.dim = c.index_dim;
-    args.top_k = c.top_k;
     args.sinks = c.sink_tokens;
     args.window = c.local_window;
     args.scale = c.scale;
-    args.positions = call.out.positions.data_as<std::int32_t>();
-    args.positions_stride_b = call.out.positions.stride(0);
-    args.positions_stride_t = call.out.positions.stride(1);
-    args.counts = call.out.counts.data_as<std::int32_t>();
-    args.counts_stride_b = call.out.counts.stride(0);
-    args.counts_stride_t = call.out.counts.stride(1);
-    if (call.out.slots.defined()) {
-      args.slots = call.out.slots.data_as<std::int32_t>();
-      args.slots_stride_b = call.out.slots.stride(0);
-      args.slots_stride_t = call.out.slots.stride(1);
-    }
-    set_routed_kv(args, call.out.kv);
+    args.routing = routing_args(call.out);
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
   }
@@ -355,22 +345,7 @@ class CudaBackend final : public ComputeBackend {
     args.kv_heads = c.num_kv_heads;
     args.dim = c.head_dim;
     args.scale = call.scale;
-    if (call.routing != nullptr) {
-      const RoutingIndex& routing = *call.routing;
-      args.positions = routing.positions.data_as<const std::int32_t>();
-      args.positions_stride_b = routing.positions.stride(0);
-      args.positions_stride_t = routing.positions.stride(1);
-      args.counts = routing.counts.data_as<const std::int32_t>();
-      args.counts_stride_b = routing.counts.stride(0);
-      args.counts_stride_t = routing.counts.stride(1);
-      args.top_k = routing.top_k;
-      if (routing.slots.defined()) {
-        args.slots = routing.slots.data_as<const std::int32_t>();
-        args.slots_stride_b = routing.slots.stride(0);
-        args.slots_stride_t = routing.slots.stride(1);
-      }
-      set_routed_kv(args, routing.kv);
-    }
+    if (call.routing != nullptr) args.routing = routing_args(*call.routing);
     args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::attention(args, static_cast<const AttentionPlanCuda&>(plan).kernels, scratch, stream.cuda());
   }

@@ -62,8 +62,8 @@ struct RowPlan {
     sink_end = min(a.sinks, visible);
     window_begin = max(sink_end, visible - a.window);
     forced = sink_end + (visible - window_begin);
-    needed = a.top_k - forced;
-    selects = visible > a.top_k && needed > 0;
+    needed = a.routing.rows.top_k - forced;
+    selects = visible > a.routing.rows.top_k && needed > 0;
   }
 };
 
@@ -72,7 +72,8 @@ __device__ __forceinline__ float relu_keep_nan(float x) {
 }
 
 /// Launches the selection of one select() over `rows` query rows (as a programmatic dependent of
-/// the score pass when `dependent`) and, when args.kv is set, the gather of the routed K/V rows.
+/// the score pass when `dependent`) and, when the routing has a kv block, the gather of the routed
+/// K/V rows.
 void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t stream);
 /// Whether the select kernel can run as a programmatic dependent on the current device.
 bool select_dependent_launch_ready();

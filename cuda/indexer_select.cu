@@ -221,19 +221,19 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   allow_dependents();
   wait_for_predecessor();  // the scores
   const IndexerArgs& a = p.a;
+  const RoutingRows& routing = a.routing.rows;
   const RowGroup group{p.cluster, static_cast<int>(blockIdx.x) % p.cluster};
   const std::int64_t row = blockIdx.x / p.cluster;
   const int b = static_cast<int>(row / a.tokens);
   const int t = static_cast<int>(row % a.tokens);
   const RowPlan plan(a, b, t);
-  const RowOutput out{a.positions + b * a.positions_stride_b + t * a.positions_stride_t,
-                      a.slots != nullptr ? a.slots + b * a.slots_stride_b + t * a.slots_stride_t : nullptr,
+  const RowOutput out{routing.row_positions(b, t), routing.row_slots(b, t),
                       PagedRows{a.page_indices + a.page_indptr[b], p.page_shift}};
-  const int count = min(a.top_k, plan.visible);
+  const int count = min(routing.top_k, plan.visible);
   const int stride = group.size * kSelectThreads;
   const int me = group.rank * kSelectThreads + static_cast<int>(threadIdx.x);
   if (me == 0) {
-    a.counts[b * a.counts_stride_b + t * a.counts_stride_t] = count;
+    routing.count(b, t) = count;
     if (t == 0) {
       const int length = paged_length(a.page_indptr, a.last_page_lengths, a.layout.page_size, b);
       if (length > a.max_length) {
@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     }
   }
   if (!plan.selects) {  // every visible position, or sinks + window fill top_k: already in order
-    for (int i = me; i < a.top_k; i += stride) {
+    for (int i = me; i < routing.top_k; i += stride) {
       int position = -1;
-      if (plan.visible <= a.top_k) {
+      if (plan.visible <= routing.top_k) {
         position = i < plan.visible ? i : -1;
       } else {
         position = i < plan.sink_end ? i : plan.window_begin + (i - plan.sink_end);
@@ -392,29 +392,30 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   group.sync();  // no CTA leaves while another may still read its shared memory
 }
 
-/// Copies the routed rows of K and V of gather CTA (row, token block) into args.kv: per token, per
-/// kv head, `dim` elements of K then of V, as 16-byte vectors (all of a thread's loads in flight
-/// before its stores). Entries past the row's count are left as they are.
+/// Copies the routed rows of K and V of gather CTA (row, token block) into RoutingRows::kv:
+/// per token, per kv head, `dim` elements of K then of V, as 16-byte vectors (all of a thread's
+/// loads in flight before its stores). Entries past the row's count are left as they are.
 template <int kVectorsPerRow>
 __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) {
   const IndexerArgs& a = p.a;
+  const RoutingRows& routing = a.routing.rows;
   const PagedCacheLayout& layout = a.layout;
   const int row = static_cast<int>(blockIdx.x);
   const int b = row / a.tokens;
   const int t = row % a.tokens;
   const int first = static_cast<int>(blockIdx.y) * kGatherTokens;
-  const int count = a.counts[b * a.counts_stride_b + t * a.counts_stride_t];
+  const int count = routing.count(b, t);
   const int tokens = min(kGatherTokens, count - first);
   if (tokens <= 0) return;
   __shared__ std::int64_t pool_slots[kGatherTokens];
   if (static_cast<int>(threadIdx.x) < tokens) {
     const int i = first + static_cast<int>(threadIdx.x);
     std::int64_t slot;
-    if (a.slots != nullptr) {
-      slot = a.slots[b * a.slots_stride_b + t * a.slots_stride_t + i];
+    if (routing.slots != nullptr) {
+      slot = routing.row_slots(b, t)[i];
     } else {
       const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};
-      slot = paged.pool_slot(a.positions[b * a.positions_stride_b + t * a.positions_stride_t + i]);
+      slot = paged.pool_slot(routing.row_positions(b, t)[i]);
     }
     pool_slots[threadIdx.x] = slot;
   }
@@ -425,8 +426,9 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) 
   const int items = tokens * heads * 2 * kVectorsPerRow;
   // 8 vectors per thread in flight: the whole CTA's work in one batch at 8 kv heads of 256 bytes.
   constexpr int kBatch = 8;
-  const std::int64_t head_block = static_cast<std::int64_t>(a.top_k) * kVectorsPerRow;  // vectors per (row, K|V, head)
-  uint4* kv = static_cast<uint4*>(a.kv) + static_cast<std::int64_t>(row) * 2 * heads * head_block;
+  // Vectors per (row, K|V, head).
+  const std::int64_t head_block = static_cast<std::int64_t>(routing.top_k) * kVectorsPerRow;
+  uint4* kv = static_cast<uint4*>(routing.kv) + RoutingRows::kv_offset(row, heads, 0, head_block);
   for (int start = static_cast<int>(threadIdx.x); start < items; start += kBatch * kGatherThreads) {
     uint4 values[kBatch];
     std::int64_t targets[kBatch];
@@ -492,14 +494,16 @@ bool gather_supported(DType dtype, int dim) {
 void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t stream) {
   launch_kernel(select_kernel, dim3(static_cast<unsigned>(p.cluster * rows)), dim3(kSelectThreads), 0, stream,
                 LaunchAttributes{}.dependent(dependent).cluster(p.cluster), "indexer select_kernel", p);
-  if (p.a.kv == nullptr) return;
+  const RoutingArgs& routing = p.a.routing;
+  if (routing.rows.kv == nullptr) return;
   const IndexerArgs& a = p.a;
   const int vectors = static_cast<int>(static_cast<std::size_t>(a.layout.head_dim) * dtype_size(a.layout.dtype) / 16);
   // An ordinary launch for now: the engine loop's CUDA-vs-CPU check failed with the gather as a
   // programmatic dependent (2026-12-07, not yet explained; see docs/performance.md).
   launch_kernel(gather_kernel_for(vectors),
-                dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(a.top_k, kGatherTokens))),
-                dim3(kGatherThreads), 0, stream, LaunchAttributes{}.persisting(a.kv, a.kv_bytes, a.kv_l2_hit_ratio),
+                dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(routing.rows.top_k, kGatherTokens))),
+                dim3(kGatherThreads), 0, stream,
+                LaunchAttributes{}.persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
                 "indexer gather_kernel", p);
 }
 

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "clsa/cache.hpp"
+#include "clsa/paged_view.hpp"
 
 namespace clsa {
 namespace cuda_kernels {
@@ -71,6 +72,14 @@ bool indexer_supports(DType dtype, int dim);
 /// Whether select() can gather routed K/V rows (RoutingIndex::kv) of `head_dim` elements of `dtype`.
 bool routed_kv_supported(DType dtype, int head_dim);
 
+/// A routing index as both kernel families take it: its rows (read by the attention, written by
+/// the indexer) and what a launch needs of its routed K/V block (rows.kv of layout.dtype).
+struct RoutingArgs {
+  RoutingRows rows;
+  std::size_t kv_bytes;   // rows.kv's size
+  float kv_l2_hit_ratio;  // > 0: rows.kv is accessed under a persisting L2 access-policy window
+};
+
 /// One select() of the indexer: scores, then top-k per query row.
 struct IndexerArgs {
   PagedCacheLayout layout;
@@ -85,18 +94,10 @@ struct IndexerArgs {
   const void* weights;  // [B, T, H]
   DType weights_dtype;
   std::int64_t w_stride_b, w_stride_t;
-  int heads, dim, top_k, sinks, window;
+  int heads, dim, sinks, window;
   float scale;
-  std::int32_t* positions;  // [B, T, top_k]
-  std::int64_t positions_stride_b, positions_stride_t;
-  std::int32_t* counts;  // [B, T]
-  std::int64_t counts_stride_b, counts_stride_t;
-  std::int32_t* slots;  // [B, T, top_k] or nullptr: the routed positions' pool slots
-  std::int64_t slots_stride_b, slots_stride_t;
-  void* kv;               // contiguous [B, T, 2, Hkv, top_k, head_dim] of layout.dtype, or nullptr
-  std::size_t kv_bytes;   // kv's size
-  float kv_l2_hit_ratio;  // > 0: kv is written under a persisting L2 access-policy window
-  RunStatus* status;      // device view of the component's status
+  RoutingArgs routing;  // the index written: routing.rows.top_k entries per query row
+  RunStatus* status;    // device view of the component's status
 };
 /// Enqueues the whole selection on `stream`; no allocation, no host synchronisation.
 void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* workspace, cudaStream_t stream);
@@ -116,7 +117,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
 /// Whether attention kernels exist for this head dimension (every float dtype has them).
 bool attention_supports(int dim);
 
-/// One forward() of sparse (positions != nullptr) or dense attention.
+/// One forward() of sparse (routing.rows.positions != nullptr) or dense attention.
 struct AttentionArgs {
   PagedCacheLayout layout;
   const std::int32_t* last_page_lengths;  // lengths are paged_length() of the tables
@@ -132,17 +133,8 @@ struct AttentionArgs {
   std::int64_t lse_stride_b, lse_stride_t;
   int q_heads, kv_heads, dim;
   float scale;
-  const std::int32_t* positions;  // [B, T, top_k] or nullptr for dense
-  std::int64_t positions_stride_b, positions_stride_t;
-  const std::int32_t* counts;  // [B, T]
-  std::int64_t counts_stride_b, counts_stride_t;
-  const std::int32_t* slots;  // [B, T, top_k] or nullptr: pool slots of the positions (no page lookup)
-  std::int64_t slots_stride_b, slots_stride_t;
-  const void* kv;         // contiguous [B, T, 2, Hkv, top_k, D] routed K/V rows, or nullptr (no block)
-  std::size_t kv_bytes;   // kv's size
-  float kv_l2_hit_ratio;  // > 0: kv is read under a persisting L2 access-policy window
-  int top_k;
-  RunStatus* status;  // dense: sequences longer than the plan's span are reported and write zeros
+  RoutingArgs routing;  // the index read (slots: no page lookup; kv: no pool reads); all zero for dense
+  RunStatus* status;    // dense: sequences longer than the plan's span are reported and write zeros
 };
 void attention(const AttentionArgs& args, const AttentionPlan& plan, void* workspace, cudaStream_t stream);
 

@@ -103,17 +103,16 @@ struct AttentionCore : detail::ComponentCore {
 /// CPU only (the values are on the host): every count in [0, top_k], every routed position
 /// visible to its query token. The CUDA kernels skip positions outside that range instead.
 void check_routing_values(const char* fn, const CacheBatch& batch, const RoutingIndex& routing, int tokens) {
+  const RoutingRows rows = RoutingRows::of(routing);
   for (int b = 0; b < batch.num_sequences(); ++b) {
     for (int t = 0; t < tokens; ++t) {
       const int visible = visible_length(batch.length(b), tokens, t);
-      const std::int32_t count =
-          routing.counts.data_as<const std::int32_t>()[b * routing.counts.stride(0) + t * routing.counts.stride(1)];
+      const std::int32_t count = rows.count(b, t);
       if (count < 0 || count > routing.top_k) {
         detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": routing.counts[", b, ",", t, "] = ", count,
                                                                  "; expected 0..top_k = ", routing.top_k));
       }
-      const std::int32_t* routed = routing.positions.data_as<const std::int32_t>() + b * routing.positions.stride(0) +
-                                   t * routing.positions.stride(1);
+      const std::int32_t* routed = rows.row_positions(b, t);
       for (std::int32_t i = 0; i < count; ++i) {
         if (routed[i] < 0 || routed[i] >= visible) {
           detail::fail(ErrorCode::invalid_argument,

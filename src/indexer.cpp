@@ -192,6 +192,7 @@ void CrossLayerIndexer::State::run(const char* fn, const CacheBatch& batch, cons
   select_call.q_idx = q_idx;
   select_call.head_weights = head_weights;
   select_call.out = *out;
+  select_call.out.top_k = config.top_k;  // the rows' length (checked); a caller's `out` may leave top_k unset
   select_call.tokens = tokens;
   note_capture(batch, stream);
   ops->select(config, select_call, *planned.plan, pieces.scratch, status.get(), stream);

@@ -40,7 +40,7 @@ class Plan {
   std::size_t workspace_bytes = 0;  // the backend's scratch (the component adds its own pieces)
 };
 
-/// One select(): T query tokens per sequence of the batch, into `out`.
+/// One select(): T query tokens per sequence of the batch, into `out` (out.top_k is the indexer's).
 struct SelectCall {
   BatchTables batch;
   TensorView q_idx, head_weights;

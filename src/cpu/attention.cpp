@@ -47,7 +47,7 @@ void attend_cpu(const AttentionConfig& c, const AttendCall& call, const Plan& ba
   const auto& plan = static_cast<const AttentionPlanCpu&>(base_plan);
   const BatchTables& batch = call.batch;
   const PagedCacheLayout& layout = batch.layout;
-  const RoutingIndex* routing = call.routing;
+  const RoutingRows routing = call.routing != nullptr ? RoutingRows::of(*call.routing) : RoutingRows{};
   const TensorView& out = call.out;
   const TensorView& lse = call.lse;
   const int tokens = call.tokens;
@@ -76,12 +76,9 @@ void attend_cpu(const AttentionConfig& c, const AttendCall& call, const Plan& ba
       const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
       const float* query =
           queries + (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
-      if (routing != nullptr) {
-        const std::int32_t* routed = routing->positions.data_as<const std::int32_t>() +
-                                     b * routing->positions.stride(0) + t * routing->positions.stride(1);
-        const int count =
-            routing->counts
-                .data_as<const std::int32_t>()[b * routing->counts.stride(0) + t * routing->counts.stride(1)];
+      if (routing.positions != nullptr) {
+        const std::int32_t* routed = routing.row_positions(b, t);
+        const int count = routing.count(b, t);
         cpu::attend(
             paged, kv_head, dim, count, [routed](int i) { return routed[i]; }, query, group, call.scale, result,
             lse_values, attend_scratch);

@@ -18,19 +18,20 @@ namespace {
 constexpr int kRowBlock = 16;         // query rows scored together
 constexpr int kPositionChunk = 1024;  // positions per work item
 
-/// RoutingIndex::kv of query row (b, t): the K and V rows of its `count` routed positions, in
-/// routing order ([2][Hkv][top_k][head_dim], contiguous); rows past the count are left alone.
+/// RoutingIndex::kv of query row `row` (b * T + t): the K and V rows of its `count` routed
+/// positions, in routing order ([2][Hkv][top_k][head_dim], contiguous); rows past the count are
+/// left alone.
 void gather_routed_row(const PagedCacheLayout& layout, const PagedRows& paged, const std::int32_t* routed, int count,
-                       int top_k, const TensorView& kv, int b, int t) {
+                       const RoutingRows& routing, std::int64_t row) {
   const std::size_t element = dtype_size(layout.dtype);
   const std::size_t row_bytes = static_cast<std::size_t>(layout.head_dim) * element;
-  char* block =
-      static_cast<char*>(kv.data()) + (b * kv.stride(0) + t * kv.stride(1)) * static_cast<std::int64_t>(element);
+  const std::size_t head_bytes = static_cast<std::size_t>(routing.top_k) * row_bytes;
+  const int heads = layout.num_kv_heads;
   const auto* k_pool = static_cast<const char*>(layout.k);
   const auto* v_pool = static_cast<const char*>(layout.v);
-  for (int h = 0; h < layout.num_kv_heads; ++h) {
-    char* k_rows = block + (static_cast<std::size_t>(h) * top_k) * row_bytes;
-    char* v_rows = block + (static_cast<std::size_t>(layout.num_kv_heads + h) * top_k) * row_bytes;
+  for (int h = 0; h < heads; ++h) {
+    char* k_rows = static_cast<char*>(routing.kv) + RoutingRows::kv_offset(row, heads, h, head_bytes);
+    char* v_rows = static_cast<char*>(routing.kv) + RoutingRows::kv_offset(row, heads, heads + h, head_bytes);
     for (int i = 0; i < count; ++i) {
       std::memcpy(k_rows + static_cast<std::size_t>(i) * row_bytes,
                   k_pool + paged.k_offset(layout, routed[i], h) * static_cast<std::int64_t>(element), row_bytes);
@@ -87,7 +88,6 @@ std::unique_ptr<Plan> plan_indexer_cpu(const IndexerConfig& config, const Bounds
 void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base_plan, void* scratch) {
   const auto& plan = static_cast<const IndexerPlanCpu&>(base_plan);
   const BatchTables& batch = call.batch;
-  const RoutingIndex& out = call.out;
   const int sequences = batch.num_sequences;
   const int tokens = call.tokens;
   const int heads = c.num_heads;
@@ -129,25 +129,24 @@ void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base
   });
 
   // Selection, one query row per item.
-  std::int32_t* routed_positions = out.positions.data_as<std::int32_t>();
-  std::int32_t* routed_counts = out.counts.data_as<std::int32_t>();
+  const RoutingRows routing = RoutingRows::of(call.out);
   pool.parallel_for(static_cast<std::int64_t>(rows), [&](std::int64_t row, int worker) {
     const int b = static_cast<int>(row / tokens);
     const int t = static_cast<int>(row % tokens);
     const int visible = visible_length(batch.host_lengths[b], tokens, t);
     std::uint64_t* key_scratch = pieces.keys + static_cast<std::size_t>(worker) * static_cast<std::size_t>(stride);
-    std::int32_t* routed = routed_positions + b * out.positions.stride(0) + t * out.positions.stride(1);
+    std::int32_t* routed = routing.row_positions(b, t);
     const int count = cpu::select_row(pieces.scores + static_cast<std::size_t>(row) * stride, visible, c.top_k,
                                       c.sink_tokens, c.local_window, routed, key_scratch);
     std::fill(routed + count, routed + c.top_k, -1);
-    routed_counts[b * out.counts.stride(0) + t * out.counts.stride(1)] = count;
+    routing.count(b, t) = count;
     const PagedRows paged{indices + indptr[b], page_shift_of(batch.layout.page_size)};
-    if (out.slots.defined()) {
-      std::int32_t* slots = out.slots.data_as<std::int32_t>() + b * out.slots.stride(0) + t * out.slots.stride(1);
+    if (routing.slots != nullptr) {
+      std::int32_t* slots = routing.row_slots(b, t);
       for (int i = 0; i < count; ++i) slots[i] = static_cast<std::int32_t>(paged.pool_slot(routed[i]));
       std::fill(slots + count, slots + c.top_k, -1);
     }
-    if (out.kv.defined()) gather_routed_row(batch.layout, paged, routed, count, c.top_k, out.kv, b, t);
+    if (routing.kv != nullptr) gather_routed_row(batch.layout, paged, routed, count, routing, row);
   });
 }
 
