@@ -6,11 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define CLSA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define CLSA_HOST_DEVICE inline
-#endif
+#include "clsa/host_device.hpp"
 
 namespace clsa {
 

@@ -8,13 +8,8 @@
 #include <cstdint>
 
 #include "clsa/cache.hpp"
+#include "clsa/host_device.hpp"
 #include "clsa/indexer.hpp"
-
-#if defined(__CUDACC__)
-#define CLSA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define CLSA_HOST_DEVICE inline
-#endif
 
 namespace clsa {
 
