@@ -146,14 +146,28 @@ class ScopedDevice {
   int previous_;
 };
 
-/// The batch's page tables, as the kernels' argument structs (IndexerArgs, AttentionArgs) hold them.
+/// A tensor as the kernels' argument structs hold it: its data, and its strides (elements) from
+/// dimension 0 on, one for each field given.
+template <class Pointer, class... Strides>
+void set_strided(const TensorView& view, Pointer& data, Strides&... strides) {
+  data = static_cast<Pointer>(view.data());
+  int dim = 0;
+  ((strides = view.stride(dim++)), ...);
+}
+
+/// What the kernels' argument structs (IndexerArgs, AttentionArgs) take alike of a call: the batch's
+/// page tables, its T query tokens, their queries q [B, T, H, D] and the component's run-status
+/// report.
 template <class Args>
-void set_tables(Args& args, const BatchTables& batch) {
+void set_call(Args& args, const BatchTables& batch, int tokens, const TensorView& q, StatusReport* status) {
   args.layout = batch.layout;
   args.last_page_lengths = batch.last_page_lengths;
   args.page_indptr = batch.page_indptr;
   args.page_indices = batch.page_indices;
   args.num_sequences = batch.num_sequences;
+  args.tokens = tokens;
+  set_strided(q, args.q, args.q_stride_b, args.q_stride_t, args.q_stride_h);
+  args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
 }
 
 /// A routing index as the kernels' argument structs (IndexerArgs, AttentionArgs) hold it: its rows,
@@ -282,24 +296,16 @@ class CudaBackend final : public ComputeBackend {
               Stream stream) const override {
     const cuda_kernels::IndexerPlan& kernels = static_cast<const IndexerPlanCuda&>(plan).kernels;
     cuda_kernels::IndexerArgs args{};
-    set_tables(args, call.batch);
-    args.tokens = call.tokens;
+    set_call(args, call.batch, call.tokens, call.q_idx, status);
     args.max_length = kernels.max_length;
-    args.q = call.q_idx.data();
-    args.q_stride_b = call.q_idx.stride(0);
-    args.q_stride_t = call.q_idx.stride(1);
-    args.q_stride_h = call.q_idx.stride(2);
-    args.weights = call.head_weights.data();
     args.weights_dtype = call.head_weights.dtype();
-    args.w_stride_b = call.head_weights.stride(0);
-    args.w_stride_t = call.head_weights.stride(1);
+    set_strided(call.head_weights, args.weights, args.w_stride_b, args.w_stride_t);
     args.heads = c.num_heads;
     args.dim = c.index_dim;
     args.sinks = c.sink_tokens;
     args.window = c.local_window;
     args.scale = c.scale;
     args.routing = routing_args(call.out);
-    args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
   }
   std::string routed_kv_unsupported(DType dtype, int head_dim) const override {
@@ -326,27 +332,14 @@ class CudaBackend final : public ComputeBackend {
   void attend(const AttentionConfig& c, const AttendCall& call, const Plan& plan, void* scratch, StatusReport* status,
               Stream stream) const override {
     cuda_kernels::AttentionArgs args{};
-    set_tables(args, call.batch);
-    args.tokens = call.tokens;
-    args.q = call.q.data();
-    args.q_stride_b = call.q.stride(0);
-    args.q_stride_t = call.q.stride(1);
-    args.q_stride_h = call.q.stride(2);
-    args.out = call.out.data();
-    args.out_stride_b = call.out.stride(0);
-    args.out_stride_t = call.out.stride(1);
-    args.out_stride_h = call.out.stride(2);
-    if (call.lse.defined()) {
-      args.lse = call.lse.data_as<float>();
-      args.lse_stride_b = call.lse.stride(0);
-      args.lse_stride_t = call.lse.stride(1);
-    }
+    set_call(args, call.batch, call.tokens, call.q, status);
+    set_strided(call.out, args.out, args.out_stride_b, args.out_stride_t, args.out_stride_h);
+    if (call.lse.defined()) set_strided(call.lse, args.lse, args.lse_stride_b, args.lse_stride_t);
     args.q_heads = c.num_q_heads;
     args.kv_heads = c.num_kv_heads;
     args.dim = c.head_dim;
     args.scale = call.scale;
     if (call.routing != nullptr) args.routing = routing_args(*call.routing);
-    args.status = static_cast<cuda_kernels::RunStatus*>(status->device_view());
     cuda_kernels::attention(args, static_cast<const AttentionPlanCuda&>(plan).kernels, scratch, stream.cuda());
   }
 };

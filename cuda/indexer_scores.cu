@@ -14,6 +14,33 @@ namespace clsa {
 namespace cuda_kernels {
 
 namespace indexer {
+/// Head weight `offset` of w [B, T, H], widened to f32 from its dtype (f32, f16 or bf16): what
+/// both score kernels stage beside the queries.
+__device__ __forceinline__ float head_weight(const IndexerArgs& a, std::int64_t offset) {
+  switch (a.weights_dtype) {
+    case DType::f32:
+      return static_cast<const float*>(a.weights)[offset];
+    case DType::f16:
+      return widen(static_cast<const __half*>(a.weights)[offset]);
+    default:
+      return widen(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
+  }
+}
+
+/// What a score CTA computes: query tokens [t_begin, t_begin + rows) of batch sequence b (fewer
+/// than rows_per_block in a sequence's last block) against the kScoreTile positions from
+/// tile_begin; length is the sequence's as the plan sees it (nothing to do from it on).
+struct ScoreBlock {
+  int b, t_begin, rows, length, tile_begin;
+  __device__ explicit ScoreBlock(const SelectParams& p) {
+    b = blockIdx.y;
+    t_begin = blockIdx.z * p.rows_per_block;
+    rows = min(p.a.tokens, t_begin + p.rows_per_block) - t_begin;
+    length = planned_length(p.a, b);
+    tile_begin = blockIdx.x * kScoreTile;
+  }
+};
+
 /// Scores with tensor cores (f16/bf16 keys, DIM 64 or 128). Queries of rows_per_block tokens x
 /// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
 template <class Elem, int DIM>
@@ -24,12 +51,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
   constexpr int kRowElems = DIM + 32;  // rows 64 bytes apart modulo 128: conflict-free A loads
   const int heads = a.heads;
   const int padded = p.padded_heads;
-  const int b = blockIdx.y;
-  const int t_begin = blockIdx.z * p.rows_per_block;
-  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
-  const int block_rows = t_end - t_begin;
-  const int length = planned_length(a, b);
-  const int tile_begin = blockIdx.x * kScoreTile;
+  const auto [b, t_begin, block_rows, length, tile_begin] = ScoreBlock(p);
   if (tile_begin >= length) return;
 
   const int warp = threadIdx.x / 32;
@@ -80,22 +102,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
   for (int i = threadIdx.x; i < block_rows * padded; i += blockDim.x) {
     const int t = t_begin + i / padded;
     const int h = i % padded;
-    float w = 0.0f;
-    if (h < heads) {
-      const std::int64_t offset = b * a.w_stride_b + t * a.w_stride_t + h;
-      switch (a.weights_dtype) {
-        case DType::f32:
-          w = static_cast<const float*>(a.weights)[offset];
-          break;
-        case DType::f16:
-          w = __half2float(static_cast<const __half*>(a.weights)[offset]);
-          break;
-        default:
-          w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
-          break;
-      }
-    }
-    weights[i] = w;
+    weights[i] = h < heads ? head_weight(a, b * a.w_stride_b + t * a.w_stride_t + h) : 0.0f;
   }
   __syncthreads();
 
@@ -170,12 +177,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
   extern __shared__ __align__(16) unsigned char shared[];
   const int dim = a.dim;
   const int heads = a.heads;
-  const int b = blockIdx.y;
-  const int t_begin = blockIdx.z * p.rows_per_block;
-  const int t_end = min(a.tokens, t_begin + p.rows_per_block);
-  const int block_rows = t_end - t_begin;
-  const int length = planned_length(a, b);
-  const int tile_begin = blockIdx.x * kScoreTile;
+  const auto [b, t_begin, block_rows, length, tile_begin] = ScoreBlock(p);
   if (tile_begin >= length) return;
   float* queries = reinterpret_cast<float*>(shared);  // [block_rows][heads][dim]
   float* weights = queries + static_cast<std::size_t>(p.rows_per_block) * heads * dim;
@@ -186,20 +188,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p
     queries[i] = static_cast<const float*>(a.q)[b * a.q_stride_b + (t_begin + r) * a.q_stride_t + h * a.q_stride_h + d];
   }
   for (int i = threadIdx.x; i < block_rows * heads; i += blockDim.x) {
-    const std::int64_t offset = b * a.w_stride_b + (t_begin + i / heads) * a.w_stride_t + i % heads;
-    float w;
-    switch (a.weights_dtype) {
-      case DType::f32:
-        w = static_cast<const float*>(a.weights)[offset];
-        break;
-      case DType::f16:
-        w = __half2float(static_cast<const __half*>(a.weights)[offset]);
-        break;
-      default:
-        w = __bfloat162float(static_cast<const __nv_bfloat16*>(a.weights)[offset]);
-        break;
-    }
-    weights[i] = w;
+    weights[i] = head_weight(a, b * a.w_stride_b + (t_begin + i / heads) * a.w_stride_t + i % heads);
   }
   __syncthreads();
   const PagedRows paged{a.page_indices + a.page_indptr[b], p.page_shift};

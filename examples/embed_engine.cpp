@@ -36,6 +36,7 @@
 
 #include "clsa/clsa.hpp"
 #include "cuda_support.hpp"
+#include "engine_support.hpp"
 
 namespace {
 
@@ -67,23 +68,8 @@ struct EnginePool {
   }
 
   clsa::PagedCacheLayout layout() const {
-    clsa::PagedCacheLayout l{};
-    l.dtype = clsa::DType::bf16;
-    l.device = device;
-    l.num_kv_heads = kKvHeads;
-    l.head_dim = kHeadDim;
-    l.index_dim = kIndexDim;
-    l.page_size = kPageSize;
-    l.num_pages = pages;
-    l.k = kv.view().data();
-    l.v = static_cast<const clsa::bfloat16*>(kv.view().data()) + kPageSize * kKvHeads * kHeadDim;
-    l.k_page_stride = l.v_page_stride = 2 * kPageSize * kKvHeads * kHeadDim;
-    l.k_token_stride = l.v_token_stride = kKvHeads * kHeadDim;
-    l.k_head_stride = l.v_head_stride = kHeadDim;
-    l.index_keys = index_keys.view().data();
-    l.index_page_stride = kPageSize * kIndexDim;
-    l.index_token_stride = kIndexDim;
-    return l;
+    const clsa::CacheConfig shape{kKvHeads, kHeadDim, kIndexDim, kPageSize, pages, clsa::DType::bf16};
+    return engine_support::interleaved_layout(shape, device, pages, kv, index_keys, kIndexDim);
   }
 };
 

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "catch.hpp"
+#include "engine_support.hpp"
 #include "support.hpp"
 
 // Counts global allocations while `counting` is set (the no-allocation test below). Not under
@@ -56,32 +57,6 @@ void operator delete(void* p, std::size_t, std::align_val_t) noexcept {
 namespace {
 
 using clsa::DType;
-
-/// The layout of an engine pool with K and V interleaved per page (FlashInfer NHD):
-/// kv [pages][2][page_size][heads][dim], index keys [pages][page_size][index_row] (index_row >=
-/// index_dim: padded rows), both of config.dtype on `device`.
-clsa::PagedCacheLayout interleaved_layout(const clsa::CacheConfig& c, clsa::Device device, std::int64_t pages,
-                                          const clsa::Tensor& kv, const clsa::Tensor& index_keys,
-                                          std::int64_t index_row) {
-  const std::int64_t P = c.page_size, H = c.num_kv_heads, D = c.head_dim;
-  clsa::PagedCacheLayout layout{};
-  layout.dtype = c.dtype;
-  layout.device = device;
-  layout.num_kv_heads = c.num_kv_heads;
-  layout.head_dim = c.head_dim;
-  layout.index_dim = c.index_dim;
-  layout.page_size = c.page_size;
-  layout.num_pages = pages;
-  layout.k = kv.view().data();
-  layout.v = static_cast<char*>(kv.view().data()) + P * H * D * static_cast<std::int64_t>(clsa::dtype_size(c.dtype));
-  layout.k_page_stride = layout.v_page_stride = 2 * P * H * D;
-  layout.k_token_stride = layout.v_token_stride = H * D;
-  layout.k_head_stride = layout.v_head_stride = D;
-  layout.index_keys = index_keys.view().data();
-  layout.index_page_stride = P * index_row;
-  layout.index_token_stride = index_row;
-  return layout;
-}
 
 /// A pool the way an engine lays it out (FlashInfer NHD with K and V interleaved per page:
 /// [page][2][page_size][heads][dim]; indexer keys [page][page_size][index_dim + 8] with padding),
@@ -140,7 +115,7 @@ struct EnginePool {
     indices = test::on_device(test::make_host(index_list, DType::i32, {static_cast<std::int64_t>(index_list.size())}),
                               fixture.backend);
 
-    layout = interleaved_layout(c, test::device_of(fixture.backend), pages, kv, index_keys, I);
+    layout = engine_support::interleaved_layout(c, test::device_of(fixture.backend), pages, kv, index_keys, I);
   }
 
   clsa::PageTableView tables(int count) const {
@@ -255,7 +230,7 @@ CLSA_BACKEND_TEST(wrapped_cache_pool, "SharedKVCache::wrap appends into an engin
   const clsa::Tensor ik = test::on_device(
       test::make_host(std::vector<double>(static_cast<std::size_t>(pages * P * I), 3.0), DType::bf16, {pages, P, I}),
       backend);
-  const clsa::PagedCacheLayout pool = interleaved_layout(config, device, pages, kv, ik, I);
+  const clsa::PagedCacheLayout pool = engine_support::interleaved_layout(config, device, pages, kv, ik, I);
   clsa::SharedKVCache cache = clsa::SharedKVCache::wrap(config, pool);
   CHECK(cache.config().max_pages == pages);
   CHECK(cache.device() == device);

@@ -137,6 +137,21 @@ struct Row {
   double stand_in_seconds = 0;  // L2 stand-in time subtracted from `seconds` (evicted rows only)
 };
 
+/// Stores `x` as element i of a host tensor of `dtype` (f32, f16 or bf16), rounded to it.
+void store(const clsa::Tensor& host, clsa::DType dtype, std::int64_t i, float x) {
+  switch (dtype) {
+    case clsa::DType::f32:
+      host.data_as<float>()[i] = x;
+      break;
+    case clsa::DType::f16:
+      host.data_as<clsa::float16>()[i] = clsa::to_float16(x);
+      break;
+    default:
+      host.data_as<clsa::bfloat16>()[i] = clsa::to_bfloat16(x);
+      break;
+  }
+}
+
 /// Random cache content for a context: replicas x batch sequences of `context` tokens, appended
 /// in chunks from windows of one random device pool (every chunk distinct, never zeros).
 struct BenchCache {
@@ -152,20 +167,7 @@ struct BenchCache {
     const std::int64_t pool_size = window + (std::int64_t{1} << 20);
     clsa::Tensor host = clsa::Tensor::empty({pool_size}, config.dtype);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (std::int64_t i = 0; i < pool_size; ++i) {
-      const float x = normal(rng);
-      switch (config.dtype) {
-        case clsa::DType::f32:
-          host.data_as<float>()[i] = x;
-          break;
-        case clsa::DType::f16:
-          host.data_as<clsa::float16>()[i] = clsa::to_float16(x);
-          break;
-        default:
-          host.data_as<clsa::bfloat16>()[i] = clsa::to_bfloat16(x);
-          break;
-      }
-    }
+    for (std::int64_t i = 0; i < pool_size; ++i) store(host, config.dtype, i, normal(rng));
     const clsa::Tensor pool = device.is_cpu() ? host : host.to(device);
     const std::size_t element = clsa::dtype_size(config.dtype);
     std::uniform_int_distribution<std::int64_t> offset(0, (std::int64_t{1} << 20) / 8 - 1);
@@ -193,17 +195,7 @@ clsa::Tensor random_tensor(std::initializer_list<std::int64_t> shape, clsa::DTyp
   std::normal_distribution<float> normal(0.0f, scale);
   for (std::int64_t i = 0; i < host.numel(); ++i) {
     const float x = normal(rng);
-    switch (dtype) {
-      case clsa::DType::f32:
-        host.data_as<float>()[i] = std::abs(x) + 0.01f;  // head weights: positive
-        break;
-      case clsa::DType::f16:
-        host.data_as<clsa::float16>()[i] = clsa::to_float16(x);
-        break;
-      default:
-        host.data_as<clsa::bfloat16>()[i] = clsa::to_bfloat16(x);
-        break;
-    }
+    store(host, dtype, i, dtype == clsa::DType::f32 ? std::abs(x) + 0.01f : x);  // f32 head weights: positive
   }
   return device.is_cpu() ? host : host.to(device);
 }
