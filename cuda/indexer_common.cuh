@@ -17,8 +17,8 @@ constexpr int kScoreThreads = 128;
 constexpr int kTokensPerWarp = 64;
 constexpr int kScoreTile = kTokensPerWarp * kScoreThreads / 32;  // 256 positions per CTA
 constexpr int kQueryBudget = 32 * 1024;                          // shared memory for queries
-constexpr int kSelectThreads = 512;
-constexpr int kSelectItems = 16;                            // scores per thread and tile, in registers
+constexpr int kSelectThreads = 1024;  // twice the warps of 512 x 16 to hide the latency of the histograms
+constexpr int kSelectItems = 8;       // scores per thread and tile, in registers
 constexpr int kSelectTile = kSelectThreads * kSelectItems;  // 8192 positions per CTA and pass
 constexpr int kMaxCluster = 16;                             // CTAs per row (a Hopper cluster)
 
