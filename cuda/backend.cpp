@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "common/check.hpp"
 #include "cuda_check.hpp"
@@ -249,8 +250,24 @@ class CudaBackend final : public ComputeBackend {
   }
   std::unique_ptr<StatusReport> make_status_report() const override { return std::make_unique<MappedStatusReport>(); }
 
+  std::string cache_unsupported(DType kv_dtype, DType index_dtype) const override {
+    if (kv_dtype == DType::e4m3 || index_dtype == DType::e4m3) {
+      return concat(kv_dtype == DType::e4m3 ? "e4m3 K/V" : "e4m3 indexer keys",
+                    ": the CUDA backend has no fp8 kernels yet (quantizing append, fp8 scores and attention; issue "
+                    "18); Backend::cpu runs fp8 caches");
+    }
+    if (kv_dtype != index_dtype) {
+      return concat("indexer keys of ", dtype_name(index_dtype), " beside K/V of ", dtype_name(kv_dtype),
+                    ": the CUDA kernels read both in one dtype; Backend::cpu runs mixed dtypes");
+    }
+    return {};
+  }
+
   void append(const AppendCall& call, Stream stream) const override {
     using cuda_kernels::AppendArgs;
+    // append_tokens copies every row in the pool's one dtype (cache_unsupported refuses the rest).
+    const std::string unsupported = cache_unsupported(call.layout.dtype, call.layout.index_key_dtype());
+    if (!unsupported.empty()) fail(ErrorCode::unsupported, concat("SharedKVCache::append: ", unsupported));
     const std::int64_t tokens = call.k.size(0);
     const std::size_t element = dtype_size(call.layout.dtype);
     std::int64_t done = 0;
@@ -281,6 +298,9 @@ class CudaBackend final : public ComputeBackend {
   }
 
   std::string indexer_unsupported(const IndexerConfig& config, DType dtype) const override {
+    if (dtype == DType::e4m3) {
+      return "e4m3 indexer keys: the CUDA indexer has no fp8 score kernel yet (issue 18); Backend::cpu scores them";
+    }
     if (cuda_kernels::indexer_supports(dtype, config.index_dim)) return {};
     return concat("index_dim ", config.index_dim, " with ", dtype_name(dtype),
                   " keys; the CUDA path supports 64 and 128 (f16/bf16) or multiples of 4 (f32)");
@@ -309,6 +329,9 @@ class CudaBackend final : public ComputeBackend {
     cuda_kernels::index_select(args, kernels, scratch, stream.cuda());
   }
   std::string routed_kv_unsupported(DType dtype, int head_dim) const override {
+    if (dtype == DType::e4m3) {
+      return "routed K/V rows of e4m3: the CUDA backend has no fp8 attention to read them yet (issue 18)";
+    }
     if (cuda_kernels::routed_kv_supported(dtype, head_dim)) return {};
     return concat("routed K/V rows of head_dim ", head_dim, " x ", dtype_name(dtype),
                   " (the CUDA gather copies rows of 128 to 1024 bytes in 16-byte vectors)");
@@ -321,6 +344,12 @@ class CudaBackend final : public ComputeBackend {
   std::string attention_unsupported(const AttentionConfig& config) const override {
     if (cuda_kernels::attention_supports(config.head_dim)) return {};
     return concat("config.head_dim = ", config.head_dim, "; the CUDA path supports 64, 128 and 256");
+  }
+  std::string attention_kv_unsupported(const AttentionConfig& /*config*/, DType kv_dtype) const override {
+    if (kv_dtype == DType::e4m3) {
+      return "e4m3 K/V: the CUDA attention kernels have no fp8 variant yet (issue 18); Backend::cpu dequantizes them";
+    }
+    return {};
   }
   std::unique_ptr<Plan> plan_attention(const AttentionConfig& config, const Bounds& bounds) const override {
     auto plan = std::make_unique<AttentionPlanCuda>();

@@ -68,7 +68,13 @@ struct EnginePool {
   }
 
   clsa::PagedCacheLayout layout() const {
-    const clsa::CacheConfig shape{kKvHeads, kHeadDim, kIndexDim, kPageSize, pages, clsa::DType::bf16};
+    clsa::CacheConfig shape;
+    shape.num_kv_heads = kKvHeads;
+    shape.head_dim = kHeadDim;
+    shape.index_dim = kIndexDim;
+    shape.page_size = kPageSize;
+    shape.max_pages = pages;
+    shape.dtype = clsa::DType::bf16;
     return engine_support::interleaved_layout(shape, device, pages, kv, index_keys, kIndexDim);
   }
 };

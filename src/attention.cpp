@@ -75,12 +75,19 @@ struct AttentionCore : detail::ComponentCore {
     }
     const std::int64_t sequences = batch.num_sequences();
     const std::int64_t tokens = q.defined() && q.rank() > 1 ? q.size(1) : 0;
-    detail::check_tensor(fn, "q", q, layout.dtype, device, {sequences, tokens, c.num_q_heads, c.head_dim});
+    // q and out have the cache's dtype; over e4m3 K/V, q is f32, f16 or bf16 and out of q's dtype.
+    if (layout.dtype == DType::e4m3) {
+      detail::check_float_tensor(fn, "q", q, device, {sequences, tokens, c.num_q_heads, c.head_dim});
+    } else {
+      detail::check_tensor(fn, "q", q, layout.dtype, device, {sequences, tokens, c.num_q_heads, c.head_dim});
+    }
     detail::check_positive(fn, "q.size(1) (query tokens T)", tokens);
-    detail::check_tensor(fn, "out", out, layout.dtype, device, {sequences, tokens, c.num_q_heads, c.head_dim});
+    detail::check_tensor(fn, "out", out, q.dtype(), device, {sequences, tokens, c.num_q_heads, c.head_dim});
     if (lse.defined()) detail::check_tensor(fn, "lse", lse, DType::f32, device, {sequences, tokens, c.num_q_heads});
     if (backend == Backend::cuda) detail::check_vector_aligned(fn, "q", q);
     check_lengths(fn, batch, tokens, "an empty slot holds 0");
+    const std::string unsupported = ops->attention_kv_unsupported(c, layout.dtype);
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
     return static_cast<int>(tokens);
   }
 
@@ -142,6 +149,17 @@ bool SparseCrossAttention::supports(const AttentionConfig& config, Backend backe
     reason = built_with_cuda() ? "no CUDA device is present" : "this build has no CUDA support";
   } else {
     reason = detail::compute_backend(resolve_backend(backend)).attention_unsupported(config);
+  }
+  if (why != nullptr) *why = reason;
+  return reason.empty();
+}
+
+bool SparseCrossAttention::supports(const AttentionConfig& config, DType kv_dtype, Backend backend, std::string* why) {
+  std::string reason;
+  if (!detail::is_cache_dtype(kv_dtype)) {
+    reason = detail::concat("the K/V dtype must be f32, f16, bf16 or e4m3, not ", dtype_name(kv_dtype));
+  } else if (supports(config, backend, &reason)) {
+    reason = detail::compute_backend(resolve_backend(backend)).attention_kv_unsupported(config, kv_dtype);
   }
   if (why != nullptr) *why = reason;
   return reason.empty();

@@ -2,7 +2,9 @@
 // the checks of an engine's pool layout.
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -62,7 +64,15 @@ void validate_layout(const char* what, const PagedCacheLayout& l) {
   };
   if (l.k == nullptr || l.v == nullptr || l.index_keys == nullptr)
     bad(ErrorCode::invalid_argument, "has a null k, v or index_keys pointer");
-  if (l.dtype == DType::i32) bad(ErrorCode::dtype_mismatch, "dtype is i32; expected f32, f16 or bf16");
+  if (!detail::is_cache_dtype(l.dtype)) {
+    bad(ErrorCode::dtype_mismatch,
+        detail::concat("dtype is ", dtype_name(l.dtype), "; expected f32, f16, bf16 or e4m3"));
+  }
+  if (l.index_dtype && !detail::is_cache_dtype(*l.index_dtype)) {
+    bad(ErrorCode::dtype_mismatch, detail::concat("index_dtype is ", dtype_name(*l.index_dtype),
+                                                  "; expected f32, f16, bf16 or e4m3 (or unset: dtype)"));
+  }
+  const DType index_dtype = l.index_key_dtype();
   if (l.num_kv_heads <= 0 || l.head_dim <= 0 || l.index_dim <= 0 || l.num_pages <= 0) {
     bad(ErrorCode::invalid_argument,
         detail::concat("has num_kv_heads ", l.num_kv_heads, ", head_dim ", l.head_dim, ", index_dim ", l.index_dim,
@@ -74,30 +84,83 @@ void validate_layout(const char* what, const PagedCacheLayout& l) {
   if (l.num_pages > INT32_MAX || l.num_pages * l.page_size > INT32_MAX) {
     bad(ErrorCode::invalid_argument, "holds more tokens than the int32 position range");
   }
-  const std::int64_t strides[] = {l.k_page_stride,  l.k_token_stride, l.k_head_stride,     l.v_page_stride,
-                                  l.v_token_stride, l.v_head_stride,  l.index_page_stride, l.index_token_stride};
-  const char* names[] = {"k_page_stride",  "k_token_stride", "k_head_stride",     "v_page_stride",
-                         "v_token_stride", "v_head_stride",  "index_page_stride", "index_token_stride"};
-  for (std::size_t i = 0; i < 8; ++i) {
+  constexpr std::size_t kStrides = 12;
+  const std::int64_t strides[kStrides] = {l.k_page_stride,     l.k_token_stride,          l.k_head_stride,
+                                          l.v_page_stride,     l.v_token_stride,          l.v_head_stride,
+                                          l.index_page_stride, l.index_token_stride,      l.k_scale_stride,
+                                          l.v_scale_stride,    l.index_scale_page_stride, l.index_scale_token_stride};
+  const char* names[kStrides] = {"k_page_stride",     "k_token_stride",          "k_head_stride",
+                                 "v_page_stride",     "v_token_stride",          "v_head_stride",
+                                 "index_page_stride", "index_token_stride",      "k_scale_stride",
+                                 "v_scale_stride",    "index_scale_page_stride", "index_scale_token_stride"};
+  for (std::size_t i = 0; i < kStrides; ++i) {
     if (strides[i] < 0) bad(ErrorCode::shape_mismatch, detail::concat(names[i], " = ", strides[i], "; negative"));
+  }
+  auto float_aligned = [](const float* pointer) {
+    return reinterpret_cast<std::uintptr_t>(pointer) % alignof(float) == 0;
+  };
+  // e4m3 indexer keys: one f32 scale per token.
+  if (index_dtype == DType::e4m3) {
+    if (l.index_scales == nullptr) {
+      bad(ErrorCode::invalid_argument, "index_scales is null, but e4m3 indexer keys need their per-token f32 scales");
+    }
+    if (!float_aligned(l.index_scales)) bad(ErrorCode::invalid_argument, "index_scales is not 4-byte aligned");
+  } else if (l.index_scales != nullptr) {
+    bad(ErrorCode::invalid_argument, detail::concat("index_scales is set, but the indexer keys are ",
+                                                    dtype_name(index_dtype), " (scales belong to e4m3 keys only)"));
+  }
+  // e4m3 K/V: a scale per kv head (or one for all).
+  const float* kv_scales[] = {l.k_scales, l.v_scales};
+  const std::int64_t kv_scale_strides[] = {l.k_scale_stride, l.v_scale_stride};
+  const char* kv_scale_names[] = {"k_scales", "v_scales"};
+  for (int part = 0; part < 2; ++part) {
+    const float* scales = kv_scales[part];
+    const char* name = kv_scale_names[part];
+    if (l.dtype != DType::e4m3) {
+      if (scales != nullptr) {
+        bad(ErrorCode::invalid_argument, detail::concat(name, " is set, but dtype is ", dtype_name(l.dtype),
+                                                        " (K/V scales belong to e4m3 K/V only)"));
+      }
+      continue;
+    }
+    if (scales == nullptr) bad(ErrorCode::invalid_argument, detail::concat(name, " is null, but dtype is e4m3"));
+    if (!float_aligned(scales)) bad(ErrorCode::invalid_argument, detail::concat(name, " is not 4-byte aligned"));
+    if (l.device.is_cpu() && l.num_kv_heads > 0) {
+      // Host memory: the values can be checked too (on CUDA they would need a copy).
+      for (int h = 0; h < l.num_kv_heads; ++h) {
+        const float scale = scales[h * kv_scale_strides[part]];
+        if (!(scale > 0.0f) || !std::isfinite(scale)) {
+          bad(ErrorCode::invalid_argument,
+              detail::concat(name, "[", h, " * ", names[8 + part], "] = ", scale, " (kv head ", h,
+                             "); e4m3 K/V scales must be finite and > 0"));
+        }
+      }
+    }
   }
   if (l.device.is_cuda()) {
     // The kernels read rows with 16-byte loads.
-    const std::int64_t element = static_cast<std::int64_t>(dtype_size(l.dtype));
+    const std::int64_t kv_element = static_cast<std::int64_t>(dtype_size(l.dtype));
+    const std::int64_t index_element = static_cast<std::int64_t>(dtype_size(index_dtype));
     for (std::size_t i = 0; i < 8; ++i) {
+      const std::int64_t element = i < 6 ? kv_element : index_element;
       if ((strides[i] * element) % 16 != 0) {
         bad(ErrorCode::shape_mismatch,
             detail::concat(names[i], " = ", strides[i],
-                           " elements; on CUDA every stride must be a multiple of 16 bytes"));
+                           " elements; on CUDA every row stride must be a multiple of 16 bytes"));
       }
     }
-    if ((l.head_dim * element) % 16 != 0 || (l.index_dim * element) % 16 != 0) {
+    if ((l.head_dim * kv_element) % 16 != 0 || (l.index_dim * index_element) % 16 != 0) {
       bad(ErrorCode::shape_mismatch, "rows (head_dim, index_dim) must be multiples of 16 bytes on CUDA");
     }
     const void* pointers[] = {l.k, l.v, l.index_keys};
     for (const void* pointer : pointers) {
       if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0)
         bad(ErrorCode::shape_mismatch, "pointers must be 16-byte aligned on CUDA");
+    }
+    if (index_dtype == DType::e4m3 &&
+        (reinterpret_cast<std::uintptr_t>(l.index_scales) % 16 != 0 || (l.index_scale_page_stride * 4) % 16 != 0)) {
+      bad(ErrorCode::shape_mismatch,
+          "index_scales and index_scale_page_stride must be 16-byte aligned on CUDA (a page's scales are one row)");
     }
   }
 }
@@ -111,6 +174,12 @@ CacheBatch CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& t
 void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables, CacheBatch& reuse) {
   const char* fn = "CacheBatch::wrap";
   validate_layout(fn, pool);
+  if (pool.dtype == DType::e4m3 || pool.index_key_dtype() != pool.dtype) {
+    // Pools every backend reads (one f32, f16 or bf16 dtype) need no backend here.
+    const std::string unsupported =
+        detail::backend_of(pool.device).cache_unsupported(pool.dtype, pool.index_key_dtype());
+    if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
+  }
   const int count = tables.num_sequences;
   if (count <= 0)
     detail::fail(ErrorCode::invalid_argument,
@@ -180,6 +249,7 @@ void CacheBatch::wrap(const PagedCacheLayout& pool, const PageTableView& tables,
   lengths.resize(static_cast<std::size_t>(count));
   for (int b = 0; b < count; ++b) lengths[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(length_of(b));
   reuse.layout_ = pool;
+  reuse.layout_.index_dtype = pool.index_key_dtype();
   reuse.num_sequences_ = count;
   reuse.max_length_ = max_length;
   reuse.host_lengths_ = lengths.data();

@@ -2,10 +2,13 @@
 // batch's page tables from the sequences (the batch itself: batch.cpp).
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "backend/memory.hpp"
@@ -32,6 +35,7 @@ struct SharedKVCache::State {
   Device device{};
   int page_shift = 0;
   detail::Buffer k_pool, v_pool, index_pool;
+  detail::Buffer kv_scales;  // e4m3 K/V: [2, num_kv_heads] f32, K's then V's
   PagedCacheLayout layout{};
   mutable std::mutex mutex;
   std::vector<std::int32_t> free_pages;  // a stack; the back is handed out next
@@ -57,6 +61,30 @@ struct SharedKVCache::State {
 
 namespace {
 
+/// e4m3 K/V scales (`name` is "config.k_scales" or "config.v_scales"): 1 or num_kv_heads, each
+/// finite and > 0; none for other K/V dtypes.
+void check_kv_scales(const char* fn, const char* name, const std::vector<float>& scales, const CacheConfig& config) {
+  if (config.dtype != DType::e4m3) {
+    if (!scales.empty()) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": ", name, " has ", scales.size(), " entries but config.dtype is ",
+                                  dtype_name(config.dtype), "; K/V scales belong to e4m3 K/V only"));
+    }
+    return;
+  }
+  if (scales.size() != 1 && scales.size() != static_cast<std::size_t>(config.num_kv_heads)) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": ", name, " has ", scales.size(), " entries; e4m3 K/V needs 1 (per tensor) or ",
+                                config.num_kv_heads, " (config.num_kv_heads, per kv head)"));
+  }
+  for (std::size_t h = 0; h < scales.size(); ++h) {
+    if (!(scales[h] > 0.0f) || !std::isfinite(scales[h])) {
+      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": ", name, "[", h, "] = ", scales[h],
+                                                               "; e4m3 K/V scales must be finite and > 0"));
+    }
+  }
+}
+
 void check_config(const char* fn, const CacheConfig& config) {
   detail::check_positive(fn, "config.num_kv_heads", config.num_kv_heads);
   detail::check_positive(fn, "config.head_dim", config.head_dim);
@@ -71,9 +99,113 @@ void check_config(const char* fn, const CacheConfig& config) {
                  detail::concat(fn, ": config.max_pages * page_size = ", config.max_pages, " * ", config.page_size,
                                 " tokens exceeds the int32 position range"));
   }
-  if (config.dtype == DType::i32) {
-    detail::fail(ErrorCode::dtype_mismatch, detail::concat(fn, ": config.dtype = i32; expected f32, f16 or bf16"));
+  if (!detail::is_cache_dtype(config.dtype)) {
+    detail::fail(ErrorCode::dtype_mismatch, detail::concat(fn, ": config.dtype = ", dtype_name(config.dtype),
+                                                           "; expected f32, f16, bf16 or e4m3"));
   }
+  if (config.index_dtype && !detail::is_cache_dtype(*config.index_dtype)) {
+    detail::fail(ErrorCode::dtype_mismatch,
+                 detail::concat(fn, ": config.index_dtype = ", dtype_name(*config.index_dtype),
+                                "; expected f32, f16, bf16 or e4m3 (or unset: config.dtype)"));
+  }
+  check_kv_scales(fn, "config.k_scales", config.k_scales, config);
+  check_kv_scales(fn, "config.v_scales", config.v_scales, config);
+  if (config.index_key_dtype() == DType::e4m3 && (std::int64_t{config.index_dim} * config.page_size) % 4 != 0) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": config.index_dim * page_size = ", config.index_dim, " * ", config.page_size,
+                                " is not a multiple of 4: e4m3 indexer keys keep a page's f32 scales after its "
+                                "index_dim x page_size values (DeepGEMM's layout), 4-byte aligned"));
+  }
+}
+
+/// Raises Error(unsupported) when `backend` cannot hold (and compute over) such a cache.
+void check_supported(const char* fn, Backend backend, const CacheConfig& config) {
+  const std::string unsupported =
+      detail::compute_backend(backend).cache_unsupported(config.dtype, config.index_key_dtype());
+  if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
+}
+
+/// config.k_scales then config.v_scales, each expanded to one per kv head: [2, num_kv_heads].
+std::vector<float> expanded_kv_scales(const CacheConfig& config) {
+  std::vector<float> scales;
+  for (const std::vector<float>* given : {&config.k_scales, &config.v_scales}) {
+    for (int h = 0; h < config.num_kv_heads; ++h)
+      scales.push_back((*given)[given->size() == 1 ? 0 : static_cast<std::size_t>(h)]);
+  }
+  return scales;
+}
+
+/// The scales of a pool's e4m3 K/V as the kernels read them ([2, num_kv_heads], K's then V's),
+/// copied to the host.
+std::vector<float> pool_kv_scales(const PagedCacheLayout& pool) {
+  std::vector<float> scales(2 * static_cast<std::size_t>(pool.num_kv_heads));
+  const float* sources[] = {pool.k_scales, pool.v_scales};
+  const std::int64_t strides[] = {pool.k_scale_stride, pool.v_scale_stride};
+  for (int part = 0; part < 2; ++part) {
+    for (int h = 0; h < pool.num_kv_heads; ++h) {
+      copy_bytes(&scales[static_cast<std::size_t>(part * pool.num_kv_heads + h)], Device::cpu(),
+                 sources[part] + h * strides[part], pool.device, sizeof(float));
+    }
+  }
+  return scales;
+}
+
+/// check_finite for a host tensor of Elem: each row (innermost dimension) is scanned as it lies.
+template <class Elem>
+void check_finite_as(const char* fn, const char* name, const TensorView& t) {
+  const int rank = t.rank();
+  const std::int64_t inner = t.size(rank - 1);
+  const std::int64_t rows = inner > 0 ? t.numel() / inner : 0;
+  const Elem* base = t.data_as<const Elem>();
+  for (std::int64_t row = 0; row < rows; ++row) {
+    std::int64_t remainder = row;
+    std::int64_t offset = 0;
+    for (int d = rank - 2; d >= 0; --d) {
+      offset += (remainder % t.size(d)) * t.stride(d);
+      remainder /= t.size(d);
+    }
+    for (std::int64_t i = 0; i < inner; ++i) {
+      const float x = to_float(base[offset + i]);
+      if (std::isfinite(x)) continue;
+      // Name the element: its multi-index.
+      std::string where;
+      remainder = row;
+      for (int d = rank - 2; d >= 0; --d) {
+        where = std::to_string(remainder % t.size(d)) + "," + where;
+        remainder /= t.size(d);
+      }
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": ", name, "[", where, i, "] = ", x, " (", name, " is ", t.describe(),
+                                  "); values that append quantizes to e4m3 must be finite"));
+    }
+  }
+}
+
+/// Requires every value of a host tensor of an activation dtype to be finite (what append
+/// quantizes to e4m3: a NaN or an infinity would make a NaN, or a scale that zeroes the row).
+void check_finite(const char* fn, const char* name, const TensorView& t) {
+  switch (t.dtype()) {
+    case DType::f32:
+      check_finite_as<float>(fn, name, t);
+      break;
+    case DType::f16:
+      check_finite_as<float16>(fn, name, t);
+      break;
+    case DType::bf16:
+      check_finite_as<bfloat16>(fn, name, t);
+      break;
+    default:
+      break;  // e4m3 input is stored as given
+  }
+}
+
+/// An append input of `name` whose cache keeps `stored`: of that dtype, or for e4m3 also of an
+/// activation dtype (quantized by append). Returns whether it is to be quantized.
+bool check_append_input(const char* fn, const char* name, const TensorView& tensor, DType stored, Device device,
+                        std::initializer_list<std::int64_t> shape) {
+  const bool quantize = stored == DType::e4m3 && tensor.defined() && detail::is_activation_dtype(tensor.dtype());
+  detail::check_tensor(fn, name, tensor, quantize ? tensor.dtype() : stored, device, shape);
+  return quantize;
 }
 
 /// Page bookkeeping shared by both constructors: every page free, handed out in index order.
@@ -86,28 +218,38 @@ void init_free_pages(std::vector<std::int32_t>& free_pages, std::int64_t pages) 
 }  // namespace
 
 SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state_(std::make_unique<State>()) {
-  check_config("SharedKVCache", config);
+  const char* fn = "SharedKVCache";
+  check_config(fn, config);
   State& s = *state_;
   s.config = config;
   s.backend = resolve_backend(backend);
+  check_supported(fn, s.backend, config);
   s.device = backend_device(s.backend);
   s.page_shift = page_shift_of(config.page_size);
 
-  const std::size_t element = dtype_size(config.dtype);
+  const DType index_dtype = config.index_key_dtype();
+  const bool fp8_index = index_dtype == DType::e4m3;
+  const std::size_t kv_element = dtype_size(config.dtype);
   const std::int64_t row = std::int64_t{config.num_kv_heads} * config.head_dim;
+  // e4m3 indexer keys: a page is page_size x index_dim values, then page_size f32 scales.
+  const std::int64_t index_token_bytes =
+      std::int64_t{config.index_dim} * static_cast<std::int64_t>(dtype_size(index_dtype)) +
+      (fp8_index ? static_cast<std::int64_t>(sizeof(float)) : 0);
   const std::size_t pages = static_cast<std::size_t>(config.max_pages);
   s.k_pool.set_device(s.device);
   s.v_pool.set_device(s.device);
   s.index_pool.set_device(s.device);
-  s.k_pool.ensure(pages * config.page_size * static_cast<std::size_t>(row) * element);
-  s.v_pool.ensure(pages * config.page_size * static_cast<std::size_t>(row) * element);
-  s.index_pool.ensure(pages * config.page_size * static_cast<std::size_t>(config.index_dim) * element);
+  s.kv_scales.set_device(s.device);
+  s.k_pool.ensure(pages * config.page_size * static_cast<std::size_t>(row) * kv_element);
+  s.v_pool.ensure(pages * config.page_size * static_cast<std::size_t>(row) * kv_element);
+  s.index_pool.ensure(pages * config.page_size * static_cast<std::size_t>(index_token_bytes));
 
   PagedCacheLayout& l = s.layout;
   l.k = s.k_pool.data();
   l.v = s.v_pool.data();
   l.index_keys = s.index_pool.data();
   l.dtype = config.dtype;
+  l.index_dtype = index_dtype;
   l.device = s.device;
   l.num_kv_heads = config.num_kv_heads;
   l.head_dim = config.head_dim;
@@ -117,8 +259,27 @@ SharedKVCache::SharedKVCache(const CacheConfig& config, Backend backend) : state
   l.k_page_stride = l.v_page_stride = row * config.page_size;
   l.k_token_stride = l.v_token_stride = row;
   l.k_head_stride = l.v_head_stride = config.head_dim;
-  l.index_page_stride = std::int64_t{config.index_dim} * config.page_size;
   l.index_token_stride = config.index_dim;
+  if (fp8_index) {
+    // DeepGEMM's fp8_paged_mqa_logits / vLLM's indexer_k_quant_and_cache page (PagedCacheLayout).
+    const std::int64_t page_bytes = index_token_bytes * config.page_size;
+    l.index_page_stride = page_bytes;
+    l.index_scales = reinterpret_cast<const float*>(static_cast<const char*>(l.index_keys) +
+                                                    std::int64_t{config.index_dim} * config.page_size);
+    l.index_scale_page_stride = page_bytes / static_cast<std::int64_t>(sizeof(float));
+    l.index_scale_token_stride = 1;
+  } else {
+    l.index_page_stride = std::int64_t{config.index_dim} * config.page_size;
+  }
+  if (config.dtype == DType::e4m3) {
+    const std::vector<float> scales = expanded_kv_scales(config);
+    auto* stored = static_cast<float*>(s.kv_scales.ensure(scales.size() * sizeof(float)));
+    const detail::DeviceGuard guard(s.device);
+    detail::backend_of(s.device).copy(stored, scales.data(), scales.size() * sizeof(float));
+    l.k_scales = stored;
+    l.v_scales = stored + config.num_kv_heads;
+    l.k_scale_stride = l.v_scale_stride = 1;
+  }
   init_free_pages(s.free_pages, config.max_pages);
 }
 
@@ -128,22 +289,43 @@ SharedKVCache SharedKVCache::wrap(const CacheConfig& requested, const PagedCache
   CacheConfig config = requested;
   config.max_pages = pool.num_pages;
   check_config(fn, config);
-  if (pool.dtype != config.dtype || pool.num_kv_heads != config.num_kv_heads || pool.head_dim != config.head_dim ||
+  if (pool.dtype != config.dtype || pool.index_key_dtype() != config.index_key_dtype() ||
+      pool.num_kv_heads != config.num_kv_heads || pool.head_dim != config.head_dim ||
       pool.index_dim != config.index_dim || pool.page_size != config.page_size) {
-    detail::fail(ErrorCode::shape_mismatch,
-                 detail::concat(fn, ": pool has dtype ", dtype_name(pool.dtype), ", num_kv_heads ", pool.num_kv_heads,
-                                ", head_dim ", pool.head_dim, ", index_dim ", pool.index_dim, ", page_size ",
-                                pool.page_size, " but config has ", dtype_name(config.dtype), ", ", config.num_kv_heads,
-                                ", ", config.head_dim, ", ", config.index_dim, ", ", config.page_size));
+    detail::fail(
+        ErrorCode::shape_mismatch,
+        detail::concat(fn, ": pool has dtype ", dtype_name(pool.dtype), ", index dtype ",
+                       dtype_name(pool.index_key_dtype()), ", num_kv_heads ", pool.num_kv_heads, ", head_dim ",
+                       pool.head_dim, ", index_dim ", pool.index_dim, ", page_size ", pool.page_size,
+                       " but config has ", dtype_name(config.dtype), ", ", dtype_name(config.index_key_dtype()), ", ",
+                       config.num_kv_heads, ", ", config.head_dim, ", ", config.index_dim, ", ", config.page_size));
+  }
+  const Backend backend = pool.device.is_cuda() ? resolve_backend(Backend::cuda) : Backend::cpu;
+  check_supported(fn, backend, config);
+  if (config.dtype == DType::e4m3) {
+    // append() quantizes with the config's scales, the kernels dequantize with the pool's: one set.
+    const std::vector<float> given = expanded_kv_scales(config);
+    const std::vector<float> held = pool_kv_scales(pool);
+    for (std::size_t i = 0; i < given.size(); ++i) {
+      if (given[i] == held[i]) continue;
+      const bool is_k = i < static_cast<std::size_t>(config.num_kv_heads);
+      const std::size_t h = is_k ? i : i - static_cast<std::size_t>(config.num_kv_heads);
+      const std::vector<float>& scales = is_k ? config.k_scales : config.v_scales;
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": config.", is_k ? "k" : "v", "_scales[", scales.size() == 1 ? 0 : h,
+                                  "] = ", scales[scales.size() == 1 ? 0 : h], " but the pool's ", is_k ? "k" : "v",
+                                  "_scales hold ", held[i], " for kv head ", h, "; they must be the same scales"));
+    }
   }
   SharedKVCache cache;
   cache.state_ = std::make_unique<State>();
   State& s = *cache.state_;
   s.config = config;
-  s.backend = pool.device.is_cuda() ? resolve_backend(Backend::cuda) : Backend::cpu;
+  s.backend = backend;
   s.device = pool.device;
   s.page_shift = page_shift_of(config.page_size);
   s.layout = pool;
+  s.layout.index_dtype = pool.index_key_dtype();
   init_free_pages(s.free_pages, config.max_pages);
   return cache;
 }
@@ -201,14 +383,48 @@ std::vector<std::int32_t> SharedKVCache::pages(SequenceId sequence) const {
 }
 
 void SharedKVCache::append(SequenceId sequence, const TensorView& k, const TensorView& v, const TensorView& index_keys,
-                           Stream stream) {
+                           Stream stream, const TensorView& index_scales) {
   const char* fn = "SharedKVCache::append";
   State& s = *state_;
   const CacheConfig& c = s.config;
+  const DType index_dtype = s.layout.index_key_dtype();
   const std::int64_t tokens = k.defined() && k.rank() > 0 ? k.size(0) : 0;
-  detail::check_tensor(fn, "k", k, c.dtype, s.device, {tokens, c.num_kv_heads, c.head_dim});
-  detail::check_tensor(fn, "v", v, c.dtype, s.device, {tokens, c.num_kv_heads, c.head_dim});
-  detail::check_tensor(fn, "index_keys", index_keys, c.dtype, s.device, {tokens, c.index_dim});
+  const bool quantize_k = check_append_input(fn, "k", k, c.dtype, s.device, {tokens, c.num_kv_heads, c.head_dim});
+  const bool quantize_v = check_append_input(fn, "v", v, c.dtype, s.device, {tokens, c.num_kv_heads, c.head_dim});
+  const bool quantize_index =
+      check_append_input(fn, "index_keys", index_keys, index_dtype, s.device, {tokens, c.index_dim});
+  const bool prequantized_index = index_dtype == DType::e4m3 && !quantize_index;
+  if (prequantized_index) {
+    if (!index_scales.defined()) {
+      detail::fail(ErrorCode::invalid_argument,
+                   detail::concat(fn, ": index_scales is empty; e4m3 index_keys (", index_keys.describe(),
+                                  ") need their per-token f32 scales [", tokens, "]"));
+    }
+    detail::check_tensor(fn, "index_scales", index_scales, DType::f32, s.device, {tokens});
+  } else if (index_scales.defined()) {
+    detail::fail(ErrorCode::invalid_argument,
+                 detail::concat(fn, ": index_scales (", index_scales.describe(), ") is given but index_keys is ",
+                                index_keys.describe(), " into ", dtype_name(index_dtype),
+                                " indexer keys; scales come only with already-quantized e4m3 index_keys"));
+  }
+  if (s.device.is_cpu()) {
+    // Values are checked before anything is reserved or written. (The CUDA backend holds no e4m3
+    // cache yet; its quantizing append kernel will have to report such values itself.)
+    if (quantize_k) check_finite(fn, "k", k);
+    if (quantize_v) check_finite(fn, "v", v);
+    if (quantize_index) check_finite(fn, "index_keys", index_keys);
+    if (prequantized_index) {
+      const float* scales = index_scales.data_as<const float>();
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        const float scale = scales[t * index_scales.stride(0)];
+        if (!(scale > 0.0f) || !std::isfinite(scale)) {
+          detail::fail(ErrorCode::invalid_argument,
+                       detail::concat(fn, ": index_scales[", t, "] = ", scale,
+                                      "; the scales of e4m3 index keys must be finite and > 0"));
+        }
+      }
+    }
+  }
 
   // Reserve pages under the lock; copy outside it; then publish the new length.
   std::vector<std::int32_t> pages_snapshot;
@@ -257,6 +473,8 @@ void SharedKVCache::append(SequenceId sequence, const TensorView& k, const Tenso
     call.k = k;
     call.v = v;
     call.index_keys = index_keys;
+    call.index_scales = index_scales;
+    call.index_scale_format = c.index_scale_format;
     detail::backend_of(s.device).append(call, stream);
   } catch (...) {
     std::lock_guard<std::mutex> lock(s.mutex);
@@ -406,9 +624,10 @@ MemoryStats SharedKVCache::memory() const {
   const State& s = *state_;
   const CacheConfig& c = s.config;
   MemoryStats stats;
-  const std::size_t element = dtype_size(c.dtype);
-  stats.kv_bytes_per_token = 2 * static_cast<std::size_t>(c.num_kv_heads) * c.head_dim * element;
-  stats.index_bytes_per_token = static_cast<std::size_t>(c.index_dim) * element;
+  const DType index_dtype = c.index_key_dtype();
+  stats.kv_bytes_per_token = 2 * static_cast<std::size_t>(c.num_kv_heads) * c.head_dim * dtype_size(c.dtype);
+  stats.index_bytes_per_token = static_cast<std::size_t>(c.index_dim) * dtype_size(index_dtype) +
+                                (index_dtype == DType::e4m3 ? sizeof(float) : 0);  // + the token's scale
   stats.bytes_per_token = stats.kv_bytes_per_token + stats.index_bytes_per_token;
   stats.pool_bytes = static_cast<std::size_t>(c.max_pages) * c.page_size * stats.bytes_per_token;
   std::lock_guard<std::mutex> lock(s.mutex);

@@ -100,8 +100,8 @@ bool CrossLayerIndexer::supports(const IndexerConfig& config, DType cache_dtype,
   std::string reason;
   if (backend == Backend::cuda && cuda_device_count() == 0) {
     reason = built_with_cuda() ? "no CUDA device is present" : "this build has no CUDA support";
-  } else if (cache_dtype == DType::i32) {
-    reason = "the cache dtype must be f32, f16 or bf16";
+  } else if (!detail::is_cache_dtype(cache_dtype)) {
+    reason = detail::concat("the indexer key dtype must be f32, f16, bf16 or e4m3, not ", dtype_name(cache_dtype));
   } else {
     reason = detail::compute_backend(resolve_backend(backend)).indexer_unsupported(config, cache_dtype);
   }
@@ -152,13 +152,19 @@ int CrossLayerIndexer::State::check_inputs(const char* fn, const CacheBatch& bat
   }
   const std::int64_t sequences = batch.num_sequences();
   const std::int64_t tokens = q_idx.defined() && q_idx.rank() > 1 ? q_idx.size(1) : 0;
-  detail::check_tensor(fn, "q_idx", q_idx, layout.dtype, device, {sequences, tokens, c.num_heads, c.index_dim});
+  // q_idx has the indexer keys' dtype; over e4m3 keys it is f32, f16 or bf16 (not quantized).
+  const DType key_dtype = layout.index_key_dtype();
+  if (key_dtype == DType::e4m3) {
+    detail::check_float_tensor(fn, "q_idx", q_idx, device, {sequences, tokens, c.num_heads, c.index_dim});
+  } else {
+    detail::check_tensor(fn, "q_idx", q_idx, key_dtype, device, {sequences, tokens, c.num_heads, c.index_dim});
+  }
   detail::check_positive(fn, "q_idx.size(1) (query tokens T)", tokens);
   detail::check_float_tensor(fn, "head_weights", head_weights, device, {sequences, tokens, c.num_heads});
   check_lengths(fn, batch, tokens, "append the query tokens' keys first; an empty slot holds 0");
-  const std::string unsupported = ops->indexer_unsupported(c, layout.dtype);
+  const std::string unsupported = ops->indexer_unsupported(c, key_dtype);
   if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));
-  if (backend == Backend::cuda && layout.dtype != DType::f32) detail::check_vector_aligned(fn, "q_idx", q_idx);
+  if (backend == Backend::cuda && q_idx.dtype() != DType::f32) detail::check_vector_aligned(fn, "q_idx", q_idx);
   return static_cast<int>(tokens);
 }
 
@@ -254,9 +260,9 @@ void CrossLayerIndexer::gather_routed_kv(const CacheConfig& cache, bool enabled)
   if (enabled) {
     detail::check_positive(fn, "cache.num_kv_heads", cache.num_kv_heads);
     detail::check_positive(fn, "cache.head_dim", cache.head_dim);
-    if (cache.dtype == DType::i32) {
-      detail::fail(ErrorCode::invalid_argument,
-                   detail::concat(fn, ": cache.dtype is i32; the cache holds f32, f16 or bf16"));
+    if (!detail::is_cache_dtype(cache.dtype)) {
+      detail::fail(ErrorCode::invalid_argument, detail::concat(fn, ": cache.dtype is ", dtype_name(cache.dtype),
+                                                               "; K and V are f32, f16, bf16 or e4m3"));
     }
     const std::string unsupported = s.ops->routed_kv_unsupported(cache.dtype, cache.head_dim);
     if (!unsupported.empty()) detail::fail(ErrorCode::unsupported, detail::concat(fn, ": ", unsupported));

@@ -20,6 +20,8 @@ std::size_t dtype_size(DType dtype) {
     case DType::f16:
     case DType::bf16:
       return 2;
+    case DType::e4m3:
+      return 1;
   }
   return 0;
 }
@@ -34,6 +36,8 @@ const char* dtype_name(DType dtype) {
       return "bf16";
     case DType::i32:
       return "i32";
+    case DType::e4m3:
+      return "e4m3";
   }
   return "?";
 }

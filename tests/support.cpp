@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <limits>
 #include <numeric>
+#include <utility>
+#include <vector>
 
 namespace test {
 
@@ -23,6 +25,8 @@ double round_to(DType dtype, double x) {
       return clsa::to_float(clsa::to_float16(static_cast<float>(x)));
     case DType::i32:
       return std::nearbyint(x);
+    case DType::e4m3:
+      return clsa::to_float(clsa::to_float8_e4m3(static_cast<float>(x)));
   }
   return x;
 }
@@ -44,6 +48,9 @@ clsa::Tensor make_host(const std::vector<double>& values, DType dtype, std::init
         break;
       case DType::i32:
         tensor.data_as<std::int32_t>()[i] = static_cast<std::int32_t>(values[i]);
+        break;
+      case DType::e4m3:
+        tensor.data_as<clsa::float8_e4m3>()[i] = clsa::to_float8_e4m3(x);
         break;
     }
   }
@@ -100,6 +107,9 @@ std::vector<double> read_values(const clsa::TensorView& tensor) {
         break;
       case DType::i32:
         values[i] = host.data_as<std::int32_t>()[i];
+        break;
+      case DType::e4m3:
+        values[i] = clsa::to_float(host.data_as<clsa::float8_e4m3>()[i]);
         break;
     }
   }
@@ -162,21 +172,89 @@ void CacheFixture::append_random(std::size_t i, std::int64_t tokens, Rng& rng, V
 
 void CacheFixture::append_values(std::size_t i, std::vector<double> k, std::vector<double> v,
                                  std::vector<double> index_keys) {
-  for (auto* values : {&k, &v, &index_keys}) {
-    for (double& x : *values) x = round_to(config.dtype, x);
+  // What goes in: values of the cache's dtypes, or bf16 values where the cache keeps e4m3 (append
+  // quantizes them). What the oracle sees: the values as stored (e4m3: dequantized, exactly).
+  const DType kv_dtype = config.dtype;
+  const DType index_dtype = config.index_key_dtype();
+  const DType kv_input = kv_dtype == DType::e4m3 ? DType::bf16 : kv_dtype;
+  const DType index_input = index_dtype == DType::e4m3 ? DType::bf16 : index_dtype;
+  for (auto* values : {&k, &v}) {
+    for (double& x : *values) x = round_to(kv_input, x);
   }
+  for (double& x : index_keys) x = round_to(index_input, x);
   const int heads = config.num_kv_heads;
   const int dim = config.head_dim;
   const std::int64_t tokens = static_cast<std::int64_t>(index_keys.size()) / config.index_dim;
-  const clsa::Tensor k_t = on_device(make_host(k, config.dtype, {tokens, heads, dim}), backend);
-  const clsa::Tensor v_t = on_device(make_host(v, config.dtype, {tokens, heads, dim}), backend);
-  const clsa::Tensor i_t = on_device(make_host(index_keys, config.dtype, {tokens, config.index_dim}), backend);
+  const clsa::Tensor k_t = on_device(make_host(k, kv_input, {tokens, heads, dim}), backend);
+  const clsa::Tensor v_t = on_device(make_host(v, kv_input, {tokens, heads, dim}), backend);
+  const clsa::Tensor i_t = on_device(make_host(index_keys, index_input, {tokens, config.index_dim}), backend);
   cache.append(ids[i], k_t, v_t, i_t);
+  if (kv_dtype == DType::e4m3) {
+    k = stored_kv(k, config.k_scales, heads, dim);
+    v = stored_kv(v, config.v_scales, heads, dim);
+  }
+  if (index_dtype == DType::e4m3)
+    index_keys = stored_index_keys(index_keys, config.index_dim, config.index_scale_format);
   SequenceData& sequence = data[i];
   sequence.k.insert(sequence.k.end(), k.begin(), k.end());
   sequence.v.insert(sequence.v.end(), v.begin(), v.end());
   sequence.index_keys.insert(sequence.index_keys.end(), index_keys.begin(), index_keys.end());
   sequence.length += tokens;
+}
+
+std::vector<std::pair<double, std::uint8_t>> e4m3_values() {
+  std::vector<std::pair<double, std::uint8_t>> values;
+  for (unsigned code = 0; code < 0x7fu; ++code) {
+    const int exponent = static_cast<int>(code >> 3);
+    const int mantissa = static_cast<int>(code & 7u);
+    const double value = exponent == 0 ? std::ldexp(mantissa, -9) : std::ldexp(8 + mantissa, exponent - 10);
+    values.emplace_back(value, static_cast<std::uint8_t>(code));
+  }
+  return values;
+}
+
+std::uint8_t nearest_e4m3(double x) {
+  static const std::vector<std::pair<double, std::uint8_t>> values = e4m3_values();
+  const std::uint8_t sign = std::signbit(x) ? 0x80u : 0u;
+  const double magnitude = std::abs(x);
+  std::uint8_t best = values.back().second;
+  double best_distance = std::numeric_limits<double>::infinity();
+  for (const auto& [value, code] : values) {
+    const double distance = std::abs(value - magnitude);
+    if (distance < best_distance || (distance == best_distance && (code & 1u) == 0)) {
+      best = code;
+      best_distance = distance;
+    }
+  }
+  return static_cast<std::uint8_t>(sign | best);
+}
+
+std::vector<double> stored_kv(const std::vector<double>& values, const std::vector<float>& scales, int heads, int dim) {
+  std::vector<double> stored(values.size());
+  for (std::size_t j = 0; j < values.size(); ++j) {
+    const std::size_t head = j / static_cast<std::size_t>(dim) % static_cast<std::size_t>(heads);
+    const float scale = scales[scales.size() == 1 ? 0 : head];
+    const float quotient = static_cast<float>(values[j]) / scale;  // as append computes it, in f32
+    stored[j] = clsa::to_float(clsa::to_float8_e4m3(quotient)) * static_cast<double>(scale);
+  }
+  return stored;
+}
+
+std::vector<double> stored_index_keys(const std::vector<double>& values, int index_dim, clsa::ScaleFormat format) {
+  std::vector<double> stored(values.size());
+  std::vector<clsa::bfloat16> row(static_cast<std::size_t>(index_dim));
+  std::vector<clsa::float8_e4m3> codes(static_cast<std::size_t>(index_dim));
+  for (std::size_t first = 0; first < values.size(); first += static_cast<std::size_t>(index_dim)) {
+    for (int d = 0; d < index_dim; ++d)
+      row[static_cast<std::size_t>(d)] =
+          clsa::to_bfloat16(static_cast<float>(values[first + static_cast<std::size_t>(d)]));
+    const float scale = clsa::quantize_row_e4m3(row.data(), index_dim, codes.data(), format);
+    for (int d = 0; d < index_dim; ++d) {
+      stored[first + static_cast<std::size_t>(d)] =
+          clsa::to_float(codes[static_cast<std::size_t>(d)]) * static_cast<double>(scale);
+    }
+  }
+  return stored;
 }
 
 std::vector<double> oracle_scores(const SequenceData& sequence, int index_dim, const double* q, const double* w,
@@ -330,6 +408,7 @@ Tolerance output_tolerance(DType dtype) {
     case DType::bf16:
       return {1.5e-2, 1.5e-2};
     case DType::i32:
+    case DType::e4m3:  // never an output dtype
       break;
   }
   return {0.0, 0.0};

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "clsa/clsa.hpp"
@@ -66,10 +67,26 @@ struct CacheFixture {
   /// Appends `tokens` random tokens to sequence i (and to its data).
   void append_random(std::size_t i, std::int64_t tokens, Rng& rng, Values values = Values::gaussian);
   /// Appends the given tokens (k, v [tokens, Hkv, D], index_keys [tokens, Didx], any values; they
-  /// are rounded to the cache dtype) to sequence i.
+  /// are rounded to the cache dtype) to sequence i. Where the cache keeps e4m3, the values are
+  /// rounded to bf16 and appended as such (append quantizes them); the data keeps them as stored,
+  /// dequantized (stored_kv, stored_index_keys).
   void append_values(std::size_t i, std::vector<double> k, std::vector<double> v, std::vector<double> index_keys);
   clsa::CacheBatch batch() const { return cache.batch(ids); }
 };
+
+/// Every finite non-negative e4m3 value with its code, ascending (codes 0x00..0x7e), computed in
+/// float64 from the format's definition (no library code).
+std::vector<std::pair<double, std::uint8_t>> e4m3_values();
+/// The float64 oracle of e4m3 rounding: the code of the e4m3 value nearest x (ties to the even
+/// code), +-448 beyond the range (saturation).
+std::uint8_t nearest_e4m3(double x);
+
+/// What an e4m3 K/V cache keeps of bf16 values [.., heads, dim] (their f32 quotients by the kv
+/// head's scale rounded to e4m3, saturating), dequantized: e4m3 value * scale.
+std::vector<double> stored_kv(const std::vector<double>& values, const std::vector<float>& scales, int heads, int dim);
+/// What an e4m3 indexer-key cache keeps of bf16 keys [.., index_dim] (quantize_row_e4m3 per key,
+/// which test_numeric holds against the float64 oracle), dequantized: e4m3 value * scale.
+std::vector<double> stored_index_keys(const std::vector<double>& values, int index_dim, clsa::ScaleFormat format);
 
 /// Pages for sequences of these lengths, with some spare.
 std::int64_t pages_for(const std::vector<std::int64_t>& lengths, int page_size, std::int64_t spare = 4);

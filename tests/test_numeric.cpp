@@ -68,36 +68,8 @@ TEST_CASE("score_key orders floats and merges signed zeros and sinks NaN below -
   CHECK(clsa::routing_key_position(clsa::routing_key(-2.0f, 123456)) == 123456);
 }
 
-namespace {
-// Every finite non-negative e4m3 value with its code, ascending (codes 0x00..0x7e).
-std::vector<std::pair<double, std::uint8_t>> e4m3_values() {
-  std::vector<std::pair<double, std::uint8_t>> values;
-  for (unsigned code = 0; code < 0x7fu; ++code) {
-    const int exponent = static_cast<int>(code >> 3);
-    const int mantissa = static_cast<int>(code & 7u);
-    const double value = exponent == 0 ? std::ldexp(mantissa, -9) : std::ldexp(8 + mantissa, exponent - 10);
-    values.emplace_back(value, static_cast<std::uint8_t>(code));
-  }
-  return values;
-}
-
-// The float64 oracle: the nearest e4m3 value (ties to the even code), +-448 beyond the range.
-std::uint8_t nearest_e4m3(double x) {
-  static const std::vector<std::pair<double, std::uint8_t>> values = e4m3_values();
-  const std::uint8_t sign = std::signbit(x) ? 0x80u : 0u;
-  const double magnitude = std::abs(x);
-  std::uint8_t best = values.back().second;
-  double best_distance = std::numeric_limits<double>::infinity();
-  for (const auto& [value, code] : values) {
-    const double distance = std::abs(value - magnitude);
-    if (distance < best_distance || (distance == best_distance && (code & 1u) == 0)) {
-      best = code;
-      best_distance = distance;
-    }
-  }
-  return static_cast<std::uint8_t>(sign | best);
-}
-}  // namespace
+using test::e4m3_values;
+using test::nearest_e4m3;
 
 TEST_CASE("e4m3: every code round-trips, conversion rounds to nearest even and saturates", "[numeric]") {
   const float inf = std::numeric_limits<float>::infinity();

@@ -153,36 +153,42 @@ void store(const clsa::Tensor& host, clsa::DType dtype, std::int64_t i, float x)
 }
 
 /// Random cache content for a context: replicas x batch sequences of `context` tokens, appended
-/// in chunks from windows of one random device pool (every chunk distinct, never zeros).
+/// in chunks from windows of random device pools (every chunk distinct, never zeros): K/V values of
+/// `kv_input`, indexer keys of `key_input` (the cache's dtypes, or bf16 where it keeps e4m3: append
+/// quantizes them).
 struct BenchCache {
   clsa::SharedKVCache cache;
   std::vector<clsa::SequenceId> ids;
   BenchCache(const clsa::CacheConfig& config, clsa::Backend backend, int sequences, std::int64_t context,
-             std::mt19937_64& rng)
+             clsa::DType kv_input, clsa::DType key_input, std::mt19937_64& rng)
       : cache(config, backend) {
     const clsa::Device device = cache.device();
     const std::int64_t chunk = std::min<std::int64_t>(4096, context);
     const std::int64_t row = std::int64_t{config.num_kv_heads} * config.head_dim;
     const std::int64_t window = chunk * std::max<std::int64_t>(row, config.index_dim);
     const std::int64_t pool_size = window + (std::int64_t{1} << 20);
-    clsa::Tensor host = clsa::Tensor::empty({pool_size}, config.dtype);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (std::int64_t i = 0; i < pool_size; ++i) store(host, config.dtype, i, normal(rng));
-    const clsa::Tensor pool = device.is_cpu() ? host : host.to(device);
-    const std::size_t element = clsa::dtype_size(config.dtype);
+    auto make_pool = [&](clsa::DType dtype) {
+      clsa::Tensor host = clsa::Tensor::empty({pool_size}, dtype);
+      for (std::int64_t i = 0; i < pool_size; ++i) store(host, dtype, i, normal(rng));
+      return device.is_cpu() ? host : host.to(device);
+    };
+    const clsa::Tensor kv_pool = make_pool(kv_input);
+    const clsa::Tensor key_pool = key_input == kv_input ? kv_pool : make_pool(key_input);
     std::uniform_int_distribution<std::int64_t> offset(0, (std::int64_t{1} << 20) / 8 - 1);
-    auto window_at = [&](std::int64_t elements, std::initializer_list<std::int64_t> shape) {
+    auto window_at = [&](const clsa::Tensor& pool, std::int64_t elements, std::initializer_list<std::int64_t> shape) {
+      const clsa::DType dtype = pool.view().dtype();
       return clsa::TensorView(
-          static_cast<char*>(pool.view().data()) + elements * 8 * static_cast<std::int64_t>(element), config.dtype,
-          shape, device);
+          static_cast<char*>(pool.view().data()) + elements * 8 * static_cast<std::int64_t>(clsa::dtype_size(dtype)),
+          dtype, shape, device);
     };
     for (int s = 0; s < sequences; ++s) {
       ids.push_back(cache.add_sequence());
       for (std::int64_t done = 0; done < context; done += chunk) {
         const std::int64_t tokens = std::min(chunk, context - done);
-        cache.append(ids.back(), window_at(offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
-                     window_at(offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
-                     window_at(offset(rng), {tokens, config.index_dim}));
+        cache.append(ids.back(), window_at(kv_pool, offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
+                     window_at(kv_pool, offset(rng), {tokens, config.num_kv_heads, config.head_dim}),
+                     window_at(key_pool, offset(rng), {tokens, config.index_dim}));
       }
     }
     clsa::synchronize();
@@ -238,17 +244,46 @@ int run_bench(const BenchOptions& options) {
   const int warmup = on_gpu ? 5 : 1;
   if (options.q_heads % options.kv_heads != 0) fail("--q-heads must be a multiple of --kv-heads");
 
+  // Dtypes: the cache's K/V and indexer keys as asked; the activations (queries, outputs) and what
+  // append takes are the K/V dtype, bf16 where the cache keeps e4m3 (append quantizes).
+  const clsa::DType kv_dtype = options.dtype;
+  const clsa::DType index_dtype = options.index_dtype.value_or(options.dtype);
+  const clsa::DType activation = kv_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : kv_dtype;
+  const clsa::DType key_input = index_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : index_dtype;
+  {
+    // Refused configurations end here, saying why (e.g. fp8 on the CUDA backend, which has no fp8
+    // kernels yet).
+    clsa::IndexerConfig probe;
+    probe.num_heads = options.index_heads;
+    probe.index_dim = options.index_dim;
+    probe.top_k = options.top_k;
+    clsa::AttentionConfig attention_probe;
+    attention_probe.num_q_heads = options.q_heads;
+    attention_probe.num_kv_heads = options.kv_heads;
+    attention_probe.head_dim = options.head_dim;
+    std::string why;
+    if (!clsa::CrossLayerIndexer::supports(probe, index_dtype, backend, &why) ||
+        !clsa::SparseCrossAttention::supports(attention_probe, kv_dtype, backend, &why)) {
+      std::fprintf(stderr, "clsa bench: unsupported on %s: %s\n", clsa::backend_name(backend), why.c_str());
+      return 1;
+    }
+  }
+
   Timer timer(device, warmup, iterations);
   const double copy_bandwidth = timer.copy_bandwidth();
   const clsa::Stream stream = timer.stream();
   std::mt19937_64 rng(options.seed);
-  const std::size_t element = clsa::dtype_size(options.dtype);
-  const double bytes_per_token_kv = 2.0 * options.kv_heads * options.head_dim * static_cast<double>(element);
-  const double bytes_per_token_index = static_cast<double>(options.index_dim) * static_cast<double>(element);
+  const double bytes_per_token_kv =
+      2.0 * options.kv_heads * options.head_dim * static_cast<double>(clsa::dtype_size(kv_dtype));
+  // e4m3 keys: each with its f32 scale.
+  const double bytes_per_token_index =
+      static_cast<double>(options.index_dim) * static_cast<double>(clsa::dtype_size(index_dtype)) +
+      (index_dtype == clsa::DType::e4m3 ? 4.0 : 0.0);
   const double l2_bytes = 50e6;
 
-  std::printf("libclsa %s bench: backend %s (%s, %s), %s\n", clsa::version(), clsa::backend_name(backend),
-              clsa::device_name(device).c_str(), description.c_str(), clsa::dtype_name(options.dtype));
+  std::printf("libclsa %s bench: backend %s (%s, %s), K/V %s, indexer keys %s, activations %s\n", clsa::version(),
+              clsa::backend_name(backend), clsa::device_name(device).c_str(), description.c_str(),
+              clsa::dtype_name(kv_dtype), clsa::dtype_name(index_dtype), clsa::dtype_name(activation));
   std::printf(
       "shape: L=%d layers, Hq=%d Hkv=%d D=%d, indexer H_idx=%d D_idx=%d top_k=%d; median of %d runs after %d "
       "warm-up, inputs rotated past the L2\n",
@@ -292,9 +327,15 @@ int run_bench(const BenchOptions& options) {
     cache_config.head_dim = options.head_dim;
     cache_config.index_dim = options.index_dim;
     cache_config.page_size = 64;
-    cache_config.dtype = options.dtype;
+    cache_config.dtype = kv_dtype;
+    cache_config.index_dtype = index_dtype;
+    if (kv_dtype == clsa::DType::e4m3) {
+      // The data is N(0, 1): one scale each for K and V puts +-4 at the top of the e4m3 range.
+      cache_config.k_scales = {4.0f / clsa::kFloat8E4m3Max};
+      cache_config.v_scales = {4.0f / clsa::kFloat8E4m3Max};
+    }
     cache_config.max_pages = most_sequences * ((context + 63) / 64);
-    BenchCache data(cache_config, backend, most_sequences, context, rng);
+    BenchCache data(cache_config, backend, most_sequences, context, activation, key_input, rng);
 
     for (int batch : batches) {
       const int replicas = replicas_for(batch);
@@ -322,13 +363,12 @@ int run_bench(const BenchOptions& options) {
       sparse.reserve(batch, 1, options.top_k);
       if (!options.no_baselines) dense.reserve(batch, 1, context);
       const clsa::Tensor q_idx =
-          random_tensor({batch, 1, options.index_heads, options.index_dim}, options.dtype, device, rng);
+          random_tensor({batch, 1, options.index_heads, options.index_dim}, key_input, device, rng);
       const clsa::Tensor weights = random_tensor({batch, 1, options.index_heads}, clsa::DType::f32, device, rng);
       std::vector<clsa::Tensor> queries, outputs;
       for (int l = 0; l < options.layers; ++l) {
-        queries.push_back(
-            random_tensor({batch, 1, options.q_heads, options.head_dim}, options.dtype, device, rng, 0.3f));
-        outputs.push_back(clsa::Tensor::empty({batch, 1, options.q_heads, options.head_dim}, options.dtype, device));
+        queries.push_back(random_tensor({batch, 1, options.q_heads, options.head_dim}, activation, device, rng, 0.3f));
+        outputs.push_back(clsa::Tensor::empty({batch, 1, options.q_heads, options.head_dim}, activation, device));
       }
       // The routing that attention-only timings use (one per replica, computed once), with what the
       // step's own index carries: pool slots, and the routed K/V block when gathered.
@@ -340,8 +380,8 @@ int run_bench(const BenchOptions& options) {
         routed_slots.push_back(clsa::Tensor::empty({batch, 1, options.top_k}, clsa::DType::i32, device));
         clsa::RoutingIndex routing{routed_positions.back(), routed_counts.back(), options.top_k, routed_slots.back()};
         if (options.routed_kv) {
-          routed_kv.push_back(clsa::Tensor::empty({batch, 1, 2, options.kv_heads, options.top_k, options.head_dim},
-                                                  options.dtype, device));
+          routed_kv.push_back(
+              clsa::Tensor::empty({batch, 1, 2, options.kv_heads, options.top_k, options.head_dim}, kv_dtype, device));
           routing.kv = routed_kv.back();
         }
         routings.push_back(routing);
@@ -469,7 +509,8 @@ int run_bench(const BenchOptions& options) {
     std::ofstream out(options.json);
     out << "{\n  \"version\": \"" << clsa::version() << "\",\n  \"backend\": \"" << clsa::backend_name(backend)
         << "\",\n  \"device\": \"" << clsa::device_name(device) << "\",\n  \"device_name\": \"" << description
-        << "\",\n  \"dtype\": \"" << clsa::dtype_name(options.dtype)
+        << "\",\n  \"dtype\": \"" << clsa::dtype_name(kv_dtype) << "\",\n  \"index_dtype\": \""
+        << clsa::dtype_name(index_dtype) << "\",\n  \"activation_dtype\": \"" << clsa::dtype_name(activation)
         << "\",\n  \"copy_bandwidth_bytes_per_s\": " << copy_bandwidth
         << ",\n  \"shape\": {\"layers\": " << options.layers << ", \"q_heads\": " << options.q_heads
         << ", \"kv_heads\": " << options.kv_heads << ", \"head_dim\": " << options.head_dim

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
@@ -88,36 +89,62 @@ Model make_model(std::mt19937_64& rng, int layers, int topics) {
   return m;
 }
 
-/// A bf16 tensor on the lane's device with a zeroed host twin of the same size, for traffic to and
-/// from the model (f32 on the host side).
+/// A tensor of an activation dtype (f32, f16 or bf16) on the lane's device with a zeroed host
+/// twin of the same size, for traffic to and from the model (f32 on the host side).
 struct Staged {
+  clsa::DType dtype;
   clsa::Tensor host, device;
-  Staged(std::initializer_list<std::int64_t> shape, clsa::Device on)
-      : host(clsa::Tensor::empty(shape, clsa::DType::bf16)), device(clsa::Tensor::empty(shape, clsa::DType::bf16, on)) {
+  Staged(std::initializer_list<std::int64_t> shape, clsa::Device on, clsa::DType type)
+      : dtype(type), host(clsa::Tensor::empty(shape, type)), device(clsa::Tensor::empty(shape, type, on)) {
     std::memset(host.view().data(), 0, host.bytes());
   }
 
-  /// host[offset, offset + count) := values, rounded to bf16.
+  /// host[offset, offset + count) := values, rounded to the dtype.
   void set(std::int64_t offset, const float* values, std::int64_t count) {
-    auto* staged = host.data_as<clsa::bfloat16>() + offset;
-    for (std::int64_t i = 0; i < count; ++i) staged[i] = clsa::to_bfloat16(values[i]);
+    for (std::int64_t i = 0; i < count; ++i) {
+      switch (dtype) {
+        case clsa::DType::f32:
+          host.data_as<float>()[offset + i] = values[i];
+          break;
+        case clsa::DType::f16:
+          host.data_as<clsa::float16>()[offset + i] = clsa::to_float16(values[i]);
+          break;
+        default:
+          host.data_as<clsa::bfloat16>()[offset + i] = clsa::to_bfloat16(values[i]);
+          break;
+      }
+    }
   }
-  float at(std::int64_t i) const { return clsa::to_float(host.data_as<clsa::bfloat16>()[i]); }
+  float at(std::int64_t i) const {
+    switch (dtype) {
+      case clsa::DType::f32:
+        return host.data_as<float>()[i];
+      case clsa::DType::f16:
+        return clsa::to_float(host.data_as<clsa::float16>()[i]);
+      default:
+        return clsa::to_float(host.data_as<clsa::bfloat16>()[i]);
+    }
+  }
   /// The first `count` elements of the device tensor := the host's (in stream order).
   void upload(const cuda_support::OwnedStream& lane, std::int64_t count) {
-    lane.upload(device.view().data(), host.view().data(), static_cast<std::size_t>(count) * sizeof(clsa::bfloat16));
+    lane.upload(device.view().data(), host.view().data(), static_cast<std::size_t>(count) * clsa::dtype_size(dtype));
   }
   void upload(const cuda_support::OwnedStream& lane) { upload(lane, host.numel()); }
   void download(const cuda_support::OwnedStream& lane) {
     lane.download(host.view().data(), device.view().data(), host.bytes());
+  }
+  /// The leading elements of the device tensor, as a tensor of `shape`.
+  clsa::TensorView part(std::initializer_list<std::int64_t> shape) const {
+    return clsa::TensorView(device.view().data(), dtype, shape, device.device());
   }
 };
 
 /// Layer `layer`'s [slots, 1, heads, head_dim] part of a [layers, slots, 1, heads, head_dim] tensor.
 clsa::TensorView layer_part(const clsa::Tensor& tensor, int layer, int slots, int heads, int head_dim) {
   const std::int64_t size = std::int64_t{slots} * heads * head_dim;
-  return clsa::TensorView(tensor.data_as<clsa::bfloat16>() + layer * size, clsa::DType::bf16,
-                          {slots, 1, heads, head_dim}, tensor.device());
+  const std::size_t element = clsa::dtype_size(tensor.view().dtype());
+  return clsa::TensorView(static_cast<char*>(tensor.view().data()) + static_cast<std::size_t>(layer * size) * element,
+                          tensor.view().dtype(), {slots, 1, heads, head_dim}, tensor.device());
 }
 
 /// What the loop keeps per batch bucket (a number of slots): the page tables (reserve_batch: fixed
@@ -133,12 +160,13 @@ struct Bucket {
   int steps = 0;               // steps run in this bucket; the first is warm-up
   cuda_support::CapturedGraph clsa_step, dense_step;  // CUDA: the captured steps
 
-  Bucket(int slot_count, const Dims& d, int layers, clsa::Device device)
+  /// activation: q's and the outputs' dtype; query: the indexer query's.
+  Bucket(int slot_count, const Dims& d, int layers, clsa::Device device, clsa::DType activation, clsa::DType query)
       : slots(slot_count),
-        q_index({slots, 1, d.index_heads, d.index_dim}, device),
-        q({layers, slots, 1, d.q_heads, d.head_dim}, device),
-        sparse_out({layers, slots, 1, d.q_heads, d.head_dim}, device),
-        dense_out({layers, slots, 1, d.q_heads, d.head_dim}, device),
+        q_index({slots, 1, d.index_heads, d.index_dim}, device, query),
+        q({layers, slots, 1, d.q_heads, d.head_dim}, device, activation),
+        sparse_out({layers, slots, 1, d.q_heads, d.head_dim}, device, activation),
+        dense_out({layers, slots, 1, d.q_heads, d.head_dim}, device, activation),
         weights(clsa::Tensor::empty({slots, 1, d.index_heads}, clsa::DType::f32, device)) {}
 };
 
@@ -180,8 +208,16 @@ int run_demo(const DemoOptions& options) {
   const cuda_support::OwnedStream lane(device);
   cuda_support::StreamTimer step_timer(lane, 3);
 
-  std::printf("libclsa %s demo: backend %s (%s), bf16 cache\n", clsa::version(), clsa::backend_name(backend),
-              clsa::device_name(device).c_str());
+  // Dtypes: K/V and indexer keys as asked; what append() takes and the activations are the
+  // 16-bit (or f32) dtype, bf16 where the cache keeps e4m3 (append quantizes).
+  const clsa::DType kv_dtype = options.dtype;
+  const clsa::DType index_dtype = options.index_dtype.value_or(options.dtype);
+  const clsa::DType activation = kv_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : kv_dtype;
+  const clsa::DType key_input = index_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : index_dtype;
+  const bool fp8_keys = index_dtype == clsa::DType::e4m3;
+  std::printf("libclsa %s demo: backend %s (%s), K/V %s, indexer keys %s%s\n", clsa::version(),
+              clsa::backend_name(backend), clsa::device_name(device).c_str(), clsa::dtype_name(kv_dtype),
+              clsa::dtype_name(index_dtype), fp8_keys ? " (one f32 scale per token)" : "");
   std::printf(
       "cross-decoder: %d layers, each its own query projection; Hq=%d Hkv=%d D=%d (GQA group %d); "
       "indexer H_idx=%d D_idx=%d top_k=%d\n",
@@ -193,9 +229,51 @@ int run_demo(const DemoOptions& options) {
   cache_config.index_dim = d.index_dim;
   cache_config.page_size = 64;
   cache_config.max_pages = (capacity + 63) / 64;
-  cache_config.dtype = clsa::DType::bf16;
+  cache_config.dtype = kv_dtype;
+  cache_config.index_dtype = index_dtype;
+  if (kv_dtype == clsa::DType::e4m3) {
+    // The engine's calibration: per kv head, the largest |K| (|V|) any hidden state of norm <= 1.5
+    // can make, |x| * the largest column norm of the head's projection, mapped to 448.
+    for (const Matrix* w : {&model.w_k, &model.w_v}) {
+      std::vector<float>& scales = w == &model.w_k ? cache_config.k_scales : cache_config.v_scales;
+      for (int h = 0; h < d.kv_heads; ++h) {
+        const float largest = w->middleCols(h * d.head_dim, d.head_dim).colwise().norm().maxCoeff();
+        scales.push_back(1.5f * largest / clsa::kFloat8E4m3Max);
+      }
+    }
+  }
+  // What every backend must run for this demo: refused configurations end here, saying why.
+  {
+    clsa::IndexerConfig probe;
+    probe.num_heads = d.index_heads;
+    probe.index_dim = d.index_dim;
+    probe.top_k = options.top_k;
+    clsa::AttentionConfig attention_probe;
+    attention_probe.num_q_heads = d.q_heads;
+    attention_probe.num_kv_heads = d.kv_heads;
+    attention_probe.head_dim = d.head_dim;
+    std::string why;
+    if (!clsa::CrossLayerIndexer::supports(probe, index_dtype, backend, &why) ||
+        !clsa::SparseCrossAttention::supports(attention_probe, kv_dtype, backend, &why)) {
+      std::fprintf(stderr, "clsa demo: unsupported on %s: %s\n", clsa::backend_name(backend), why.c_str());
+      return 1;
+    }
+  }
   clsa::SharedKVCache cache(cache_config, backend);
   const clsa::SequenceId sequence = cache.add_sequence();
+  // fp8 keys: a twin cache with the same tokens and bf16 keys, and an indexer over it, for the
+  // routing recall of the fp8 keys (the K/V are the same; only the keys' dtype differs).
+  std::unique_ptr<clsa::SharedKVCache> reference;
+  clsa::SequenceId reference_sequence = clsa::empty_slot;
+  if (fp8_keys) {
+    clsa::CacheConfig reference_config = cache_config;
+    reference_config.dtype = activation;
+    reference_config.index_dtype = clsa::DType::bf16;
+    reference_config.k_scales.clear();
+    reference_config.v_scales.clear();
+    reference = std::make_unique<clsa::SharedKVCache>(reference_config, backend);
+    reference_sequence = reference->add_sequence();
+  }
 
   // ---- prefill: hidden states by topic, projected ONCE into the shared cache ----
   std::uniform_int_distribution<int> pick_topic(0, topics - 1);
@@ -209,9 +287,9 @@ int run_demo(const DemoOptions& options) {
     return x;
   };
   const std::int64_t chunk = 2048;
-  Staged k_chunk({chunk, d.kv_heads, d.head_dim}, device);
-  Staged v_chunk({chunk, d.kv_heads, d.head_dim}, device);
-  Staged index_chunk({chunk, d.index_dim}, device);
+  Staged k_chunk({chunk, d.kv_heads, d.head_dim}, device, activation);
+  Staged v_chunk({chunk, d.kv_heads, d.head_dim}, device, activation);
+  Staged index_chunk({chunk, d.index_dim}, device, key_input);
   // Projects hidden states and appends them to the cache, on the lane (in order with the steps).
   auto append_hidden = [&](const Matrix& hidden) {
     const std::int64_t tokens = hidden.rows();
@@ -224,12 +302,11 @@ int run_demo(const DemoOptions& options) {
     k_chunk.upload(lane, k.size());
     v_chunk.upload(lane, v.size());
     index_chunk.upload(lane, index_keys.size());
-    auto part = [&](const clsa::Tensor& t, std::initializer_list<std::int64_t> shape) {
-      return clsa::TensorView(t.view().data(), clsa::DType::bf16, shape, device);
-    };
-    cache.append(sequence, part(k_chunk.device, {tokens, d.kv_heads, d.head_dim}),
-                 part(v_chunk.device, {tokens, d.kv_heads, d.head_dim}),
-                 part(index_chunk.device, {tokens, d.index_dim}), lane.stream());
+    const clsa::TensorView k_part = k_chunk.part({tokens, d.kv_heads, d.head_dim});
+    const clsa::TensorView v_part = v_chunk.part({tokens, d.kv_heads, d.head_dim});
+    const clsa::TensorView index_part = index_chunk.part({tokens, d.index_dim});
+    cache.append(sequence, k_part, v_part, index_part, lane.stream());
+    if (reference) reference->append(reference_sequence, k_part, v_part, index_part, lane.stream());
   };
   const auto prefill_start = std::chrono::steady_clock::now();
   for (std::int64_t first = 0; first < options.context; first += chunk) {
@@ -273,7 +350,7 @@ int run_demo(const DemoOptions& options) {
   auto bucket_of = [&](int slots) -> Bucket& {
     std::unique_ptr<Bucket>& bucket = buckets[slots];
     if (!bucket) {
-      bucket = std::make_unique<Bucket>(slots, d, layers, device);
+      bucket = std::make_unique<Bucket>(slots, d, layers, device, activation, key_input);
       bucket->batch = cache.reserve_batch(slots, capacity);
       std::vector<float> weights;
       for (int b = 0; b < slots; ++b) {
@@ -331,9 +408,21 @@ int run_demo(const DemoOptions& options) {
     return x;
   };
 
+  // The recall reference (fp8 keys): the same indexer configuration over the bf16-key twin,
+  // planned once like the loop's, on a batch of its own.
+  std::unique_ptr<clsa::CrossLayerIndexer> reference_indexer;
+  clsa::CacheBatch reference_batch;
+  if (reference) {
+    reference_indexer = std::make_unique<clsa::CrossLayerIndexer>(indexer_config, backend);
+    reference_indexer->reserve(max_slots, 1, capacity);
+    reference_batch = reference->reserve_batch(max_slots, capacity);
+  }
+  std::vector<std::int32_t> reference_routed(static_cast<std::size_t>(options.top_k));
+  double recall_sum = 0.0, recall_min = 1.0;
+
   // ---- decoding ----
-  std::printf("\n%4s %8s %12s %12s %8s %8s %14s %14s\n", "step", "tokens", "clsa_ms", "dense_ms", "speedup", "needle",
-              "attn_err(l0)", "hidden_err");
+  std::printf("\n%4s %8s %12s %12s %8s %8s %14s %14s%s\n", "step", "tokens", "clsa_ms", "dense_ms", "speedup", "needle",
+              "attn_err(l0)", "hidden_err", reference ? "  recall(bf16 keys)" : "");
   double total_clsa = 0.0, total_dense = 0.0;
   int timed_steps = 0, needle_routed_steps = 0, replays = 0;
   std::int64_t first_length = 0, last_length = 0;
@@ -387,6 +476,31 @@ int run_demo(const DemoOptions& options) {
     const bool needle_routed =
         std::find(routed.begin(), routed.end(), static_cast<std::int32_t>(needle)) != routed.end();
     needle_routed_steps += needle_routed ? 1 : 0;
+    // Routing recall of the fp8 keys: the share of the bf16 keys' routed set (same queries, same
+    // tokens) that the fp8 keys routed too.
+    char recall_text[32] = "";
+    if (reference) {
+      reference->batch(ids, reference_batch, lane.stream());
+      const clsa::RoutingIndex expected =
+          reference_indexer->select(reference_batch, bucket.q_index.device, bucket.weights, lane.stream());
+      reference_routed.resize(static_cast<std::size_t>(top_k));
+      lane.download(reference_routed.data(), expected.positions.data_as<std::int32_t>() + slot * top_k,
+                    reference_routed.size() * sizeof(std::int32_t));
+      std::vector<std::int32_t> mine, theirs;
+      for (std::int32_t p : routed) {
+        if (p >= 0) mine.push_back(p);
+      }
+      for (std::int32_t p : reference_routed) {
+        if (p >= 0) theirs.push_back(p);
+      }
+      std::vector<std::int32_t> both;
+      std::set_intersection(mine.begin(), mine.end(), theirs.begin(), theirs.end(), std::back_inserter(both));
+      const double recall =
+          theirs.empty() ? 1.0 : static_cast<double>(both.size()) / static_cast<double>(theirs.size());
+      recall_sum += recall;
+      recall_min = std::min(recall_min, recall);
+      std::snprintf(recall_text, sizeof recall_text, "  %17.4f", recall);
+    }
     const double attention_error = relative_error(attention_output(bucket.sparse_out, bucket.slots, 0, slot),
                                                   attention_output(bucket.dense_out, bucket.slots, 0, slot));
     const double hidden_error = relative_error(residual_stream(x0, bucket.sparse_out, bucket.slots, slot),
@@ -399,9 +513,9 @@ int run_demo(const DemoOptions& options) {
       total_dense += dense_seconds;
       ++timed_steps;
     }
-    std::printf("%4d %8lld %12.3f %12.3f %7.1fx %8s %14.2e %14.2e%s\n", step, static_cast<long long>(last_length),
+    std::printf("%4d %8lld %12.3f %12.3f %7.1fx %8s %14.2e %14.2e%s%s\n", step, static_cast<long long>(last_length),
                 clsa_seconds * 1e3, dense_seconds * 1e3, dense_seconds / clsa_seconds,
-                needle_routed ? "routed" : "MISSED", attention_error, hidden_error,
+                needle_routed ? "routed" : "MISSED", attention_error, hidden_error, recall_text,
                 warm_up ? (graphs ? "  warm-up (capture, first replay)" : "  warm-up") : "");
   }
   if (timed_steps > 0) {
@@ -427,6 +541,12 @@ int run_demo(const DemoOptions& options) {
         "means\n");
   }
   std::printf("needle routed in %d of %d steps\n", needle_routed_steps, options.steps);
+  if (reference) {
+    std::printf(
+        "routing recall of the e4m3 keys against bf16 keys (the share of the bf16 keys' routed set also routed, "
+        "same queries): mean %.4f, min %.4f over %d steps\n",
+        recall_sum / options.steps, recall_min, options.steps);
+  }
 
   const clsa::MemoryStats stats = cache.memory();
   std::printf(
@@ -449,7 +569,7 @@ int run_demo(const DemoOptions& options) {
       "on\n   a few tokens, as a trained model's does; diffuse attention would leave more outside as the context "
       "grows)\n");
   const Vector dense_l0 = attention_output(bucket.dense_out, bucket.slots, 0, slot);
-  Staged sweep_out({bucket.slots, 1, d.q_heads, d.head_dim}, device);
+  Staged sweep_out({bucket.slots, 1, d.q_heads, d.head_dim}, device, activation);
   for (int top_k = 16; top_k <= std::max<std::int64_t>(16, std::min<std::int64_t>(last_length, 4 * options.top_k));
        top_k *= 4) {
     clsa::IndexerConfig sweep = indexer_config;

@@ -14,6 +14,12 @@ clsa::Backend parse_backend(const std::string& name) {
   return names.at(name);
 }
 
+clsa::DType parse_dtype(const std::string& name) {
+  static const std::map<std::string, clsa::DType> names = {
+      {"f32", clsa::DType::f32}, {"f16", clsa::DType::f16}, {"bf16", clsa::DType::bf16}, {"e4m3", clsa::DType::e4m3}};
+  return names.at(name);
+}
+
 }  // namespace clsa_program
 
 int main(int argc, char** argv) {
@@ -47,6 +53,20 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   demo_command->add_option("--steps", demo.steps, "decoding steps")->check(CLI::Range(1, 10000))->capture_default_str();
   demo_command->add_option("--seed", demo.seed, "random seed of the model and the data")->capture_default_str();
+  std::string demo_dtype = "bf16", demo_index_dtype;
+  const std::vector<std::string> dtypes = {"bf16", "f16", "f32", "e4m3"};
+  demo_command
+      ->add_option("--dtype", demo_dtype,
+                   "K/V dtype of the shared cache; e4m3 keeps K and V in fp8 with per-kv-head scales calibrated from "
+                   "the model's projections (queries and outputs stay bf16)")
+      ->check(CLI::IsMember(dtypes))
+      ->capture_default_str();
+  demo_command
+      ->add_option("--index-dtype", demo_index_dtype,
+                   "dtype of the indexer keys (default: --dtype); e4m3 keeps one f32 scale per token and the demo "
+                   "prints the routing recall of those keys against bf16 keys (mean and minimum overlap of the routed "
+                   "sets)")
+      ->check(CLI::IsMember(dtypes));
 
   BenchOptions bench;
   std::string bench_backend = "automatic";
@@ -89,9 +109,17 @@ int main(int argc, char** argv) {
   bench_command->add_option("--top-k", bench.top_k, "routed tokens per query")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  bench_command->add_option("--dtype", bench_dtype, "cache and activation dtype")
-      ->check(CLI::IsMember({"bf16", "f16", "f32"}))
+  bench_command
+      ->add_option("--dtype", bench_dtype,
+                   "K/V dtype of the cache, and the activations' (e4m3: K/V in fp8 with one scale each, activations "
+                   "bf16)")
+      ->check(CLI::IsMember(dtypes))
       ->capture_default_str();
+  std::string bench_index_dtype;
+  bench_command
+      ->add_option("--index-dtype", bench_index_dtype,
+                   "dtype of the indexer keys (default: --dtype); e4m3 keeps one f32 scale per token")
+      ->check(CLI::IsMember(dtypes));
   bench_command->add_option("--iterations", bench.iterations, "timed runs per row (median; default 30 GPU, 3 CPU)")
       ->check(CLI::NonNegativeNumber);
   bench_command
@@ -124,12 +152,14 @@ int main(int argc, char** argv) {
   try {
     if (demo_command->parsed()) {
       demo.backend = parse_backend(demo_backend);
+      demo.dtype = parse_dtype(demo_dtype);
+      if (!demo_index_dtype.empty()) demo.index_dtype = parse_dtype(demo_index_dtype);
       return run_demo(demo);
     }
     if (bench_command->parsed()) {
       bench.backend = parse_backend(bench_backend);
-      bench.dtype =
-          bench_dtype == "f32" ? clsa::DType::f32 : (bench_dtype == "f16" ? clsa::DType::f16 : clsa::DType::bf16);
+      bench.dtype = parse_dtype(bench_dtype);
+      if (!bench_index_dtype.empty()) bench.index_dtype = parse_dtype(bench_index_dtype);
       return run_bench(bench);
     }
   } catch (const clsa::Error& error) {

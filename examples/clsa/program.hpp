@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,8 @@ namespace clsa_program {
 
 struct DemoOptions {
   clsa::Backend backend = clsa::Backend::automatic;
+  clsa::DType dtype = clsa::DType::bf16;   // K/V (e4m3: activations bf16, scales calibrated from the model)
+  std::optional<clsa::DType> index_dtype;  // the indexer keys; unset: dtype
   std::int64_t context = 4096;
   int top_k = 256;
   int layers = 4;
@@ -31,8 +34,9 @@ struct BenchOptions {
   int index_heads = 16;
   int index_dim = 128;
   int top_k = 2048;
-  clsa::DType dtype = clsa::DType::bf16;
-  int iterations = 0;         // 0: 30 on a GPU, 3 on the CPU
+  clsa::DType dtype = clsa::DType::bf16;   // K/V (e4m3: activations bf16, one K and one V scale)
+  std::optional<clsa::DType> index_dtype;  // the indexer keys; unset: dtype
+  int iterations = 0;                      // 0: 30 on a GPU, 3 on the CPU
   int evict_l2_mb = 128;      // L2 evicted rows: MiB streamed by the feed-forward stand-in per layer; 0: off
   int routed_kv = 1;          // 1: the indexer gathers the routed K/V rows once per step (gather_routed_kv)
   int l2_persist_mb = 0;      // > 0: keep_routed_kv_in_l2 with this many MiB
@@ -45,5 +49,7 @@ int run_bench(const BenchOptions& options);
 
 /// Parses "automatic", "cpu" or "cuda".
 clsa::Backend parse_backend(const std::string& name);
+/// Parses "f32", "f16", "bf16" or "e4m3".
+clsa::DType parse_dtype(const std::string& name);
 
 }  // namespace clsa_program

@@ -27,10 +27,15 @@ struct AttentionConfig {
 class SparseCrossAttention {
  public:
   explicit SparseCrossAttention(const AttentionConfig& config, Backend backend = Backend::automatic);
-  /// Whether `backend` has kernels for this configuration (every float cache dtype): when not,
-  /// `why` (if given) receives the reason the constructor would raise as Error(unsupported).
-  /// DenseCrossAttention runs on the same kernels and gives the same answer.
+  /// Whether `backend` has kernels for this configuration over f32, f16 and bf16 caches: when
+  /// not, `why` (if given) receives the reason the constructor would raise as Error(unsupported).
+  /// DenseCrossAttention runs on the same kernels and gives the same answers.
   static bool supports(const AttentionConfig& config, Backend backend = Backend::automatic, std::string* why = nullptr);
+  /// Same over K/V of `kv_dtype` (e4m3 included): when not, `why` receives the reason that the
+  /// constructor or forward() would raise as Error(unsupported). (The CUDA backend has no fp8
+  /// kernels yet: e4m3 answers false there.)
+  static bool supports(const AttentionConfig& config, DType kv_dtype, Backend backend = Backend::automatic,
+                       std::string* why = nullptr);
   ~SparseCrossAttention();
   SparseCrossAttention(SparseCrossAttention&&) noexcept;
   SparseCrossAttention& operator=(SparseCrossAttention&&) noexcept;
@@ -52,9 +57,10 @@ class SparseCrossAttention {
   /// Same plan, on caller-provided workspace (`bytes` >= workspace_bytes() of the bounds at
   /// `data` on device(), 256-byte aligned, zeroed here, outliving its use).
   void set_workspace(void* data, std::size_t bytes, int max_sequences, int max_tokens, int top_k);
-  /// q and out [B, T, num_q_heads, head_dim] of the cache's dtype; lse (optional) f32 [B, T,
-  /// num_q_heads]; routing from CrossLayerIndexer::select over the same batch. A query token
-  /// with no routed position (an empty batch slot) gets out = 0 and lse = -inf.
+  /// q and out [B, T, num_q_heads, head_dim] of the cache's K/V dtype (over e4m3 K/V: q of f32,
+  /// f16 or bf16 and out of q's dtype; K and V are dequantized with the cache's scales); lse
+  /// (optional) f32 [B, T, num_q_heads]; routing from CrossLayerIndexer::select over the same
+  /// batch. A query token with no routed position (an empty batch slot) gets out = 0 and lse = -inf.
   void forward(const CacheBatch& batch, const RoutingIndex& routing, const TensorView& q, const TensorView& out,
                Stream stream = {}, const TensorView& lse = {});
 

@@ -5,20 +5,48 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <vector>
 
+#include "clsa/numeric.hpp"
 #include "clsa/tensor.hpp"
 #include "clsa/types.hpp"
 
 namespace clsa {
 
+/// The shape and element types of a SharedKVCache.
+///
+/// fp8 (docs/design.md, "fp8 caches"): K/V and the indexer keys each may be e4m3, independently.
+/// e4m3 indexer keys carry one f32 scale per token (key = e4m3 value * scale), stored after the
+/// page's values (DeepGEMM's fp8_paged_mqa_logits layout, see PagedCacheLayout); append() computes
+/// it from the token's largest magnitude (fp8_row_scale) or takes it with pre-quantized keys.
+/// e4m3 K/V use fixed scales that the engine gives here (value = e4m3 value * scale, vLLM's
+/// k_scale / v_scale).
 struct CacheConfig {
   int num_kv_heads = 8;
   int head_dim = 128;          // 64, 128 or 256
   int index_dim = 128;         // indexer key dimension D_idx: 64 or 128
   int page_size = 64;          // tokens per page, a power of two
   std::int64_t max_pages = 0;  // pool size; capacity = max_pages * page_size tokens in all
-  DType dtype = DType::bf16;   // of K, V and indexer keys: f32, f16 or bf16
+  /// K and V: f32, f16, bf16 or e4m3 (then k_scales and v_scales are required). Also the dtype of
+  /// the indexer keys, unless index_dtype is set.
+  DType dtype = DType::bf16;
+  /// The indexer keys' dtype when it is not `dtype`: f32, f16, bf16 or e4m3. Unset means "the
+  /// same as dtype", so a configuration that never sets it keeps its meaning. The usual fp8
+  /// choices: bf16 K/V with e4m3 keys (index_dtype = e4m3), or e4m3 K/V with bf16 keys
+  /// (dtype = e4m3, index_dtype = bf16); dtype = e4m3 alone makes both e4m3.
+  std::optional<DType> index_dtype;
+  /// e4m3 indexer keys that append() quantizes: their per-token scale is max(absmax, 1e-4) / 448
+  /// (f32) or the smallest power of two not below it (ue8m0, DeepGEMM's scale format). Ignored
+  /// for other key dtypes.
+  ScaleFormat index_scale_format = ScaleFormat::f32;
+  /// e4m3 K/V: the dequantization scales (value = e4m3 value * scale; append() stores
+  /// e4m3(x / scale), saturating at +-448): one for every kv head (size 1, "per tensor") or one
+  /// per kv head (size num_kv_heads); finite and > 0. Required for e4m3 K/V, refused otherwise.
+  std::vector<float> k_scales, v_scales;
+
+  /// The indexer keys' dtype: index_dtype, or dtype when unset.
+  DType index_key_dtype() const { return index_dtype.value_or(dtype); }
 };
 
 /// Handle of one sequence in a SharedKVCache. Ids are never reused by a cache.
@@ -34,8 +62,8 @@ struct MemoryStats {
   std::int64_t pages_free = 0;
   std::int64_t sequences = 0;
   std::int64_t tokens = 0;                // tokens stored over all sequences
-  std::size_t kv_bytes_per_token = 0;     // K and V of all kv heads
-  std::size_t index_bytes_per_token = 0;  // the indexer key
+  std::size_t kv_bytes_per_token = 0;     // K and V of all kv heads (of the K/V dtype)
+  std::size_t index_bytes_per_token = 0;  // the indexer key (e4m3: index_dim + its 4-byte scale)
   std::size_t bytes_per_token = 0;        // the two above: what one cached token costs, once
   std::size_t pool_bytes = 0;             // device (or host) memory held by the pool
   /// What per-layer K/V caches (one per cross-decoder layer, as in a plain decoder) would hold
@@ -48,15 +76,30 @@ struct MemoryStats {
 };
 
 /// Where a paged pool's entries are. Element (page p, token slot o, kv head h, dim d) of K is at
-/// k + p*k_page_stride + o*k_token_stride + h*k_head_stride + d (strides in elements); V likewise;
-/// indexer key (p, o, d) at index_keys + p*index_page_stride + o*index_token_stride + d.
+/// k + p*k_page_stride + o*k_token_stride + h*k_head_stride + d (strides in elements of dtype); V
+/// likewise; indexer key (p, o, d) at index_keys + p*index_page_stride + o*index_token_stride + d
+/// (strides in elements of the index key dtype).
 /// libclsa's own pools are token-major: [page][token][kv_head][head_dim] (a routed token's K of
 /// all heads is one contiguous row) and [page][token][index_dim].
+///
+/// fp8. e4m3 indexer keys (index_key_dtype() == e4m3) have one f32 scale per token, that of key
+/// (p, o) at index_scales + p*index_scale_page_stride + o*index_scale_token_stride (strides in
+/// floats); key (p, o) = its e4m3 values * that scale. libclsa's own pools keep them the way
+/// DeepGEMM's fp8_paged_mqa_logits reads them and vLLM's indexer_k_quant_and_cache writes them:
+/// a page is page_size x index_dim e4m3 values, then page_size f32 scales (index_dim + 4 bytes a
+/// token), i.e. index_page_stride = page_size * (index_dim + 4), index_token_stride = index_dim,
+/// index_scales = (const float*)((const char*)index_keys + page_size * index_dim),
+/// index_scale_page_stride = page_size * (index_dim + 4) / 4, index_scale_token_stride = 1.
+/// An engine's vLLM DSA indexer cache ([pages, page_size, index_dim + 4] bytes) is
+/// described by the same values. e4m3 K/V (dtype == e4m3): kv head h's scales are
+/// k_scales[h * k_scale_stride] and v_scales[h * v_scale_stride] (stride 0: one scale for every
+/// head), on the pool's device; K = e4m3 value * its scale, V likewise. Scale pointers are null
+/// for other dtypes.
 struct PagedCacheLayout {
   const void* k = nullptr;
   const void* v = nullptr;
   const void* index_keys = nullptr;
-  DType dtype = DType::bf16;
+  DType dtype = DType::bf16;  // of K and V (and of the indexer keys when index_dtype is unset)
   Device device{};
   int num_kv_heads = 0;
   int head_dim = 0;
@@ -66,6 +109,16 @@ struct PagedCacheLayout {
   std::int64_t k_page_stride = 0, k_token_stride = 0, k_head_stride = 0;
   std::int64_t v_page_stride = 0, v_token_stride = 0, v_head_stride = 0;
   std::int64_t index_page_stride = 0, index_token_stride = 0;
+  std::optional<DType> index_dtype;     // the indexer keys' dtype; unset: dtype (CacheConfig::index_dtype)
+  const float* index_scales = nullptr;  // e4m3 indexer keys: their per-token scales
+  std::int64_t index_scale_page_stride = 0, index_scale_token_stride = 0;
+  const float* k_scales = nullptr;  // e4m3 K/V: per kv head (or one) dequantization scales
+  const float* v_scales = nullptr;
+  std::int64_t k_scale_stride = 0, v_scale_stride = 0;
+
+  /// The indexer keys' dtype: index_dtype, or dtype when unset. (The layouts libclsa hands out,
+  /// SharedKVCache::layout() and CacheBatch::layout(), always have index_dtype set.)
+  DType index_key_dtype() const { return index_dtype.value_or(dtype); }
 };
 
 class CacheBatch;
@@ -132,8 +185,10 @@ class CacheBatch {
 
   /// A batch over a pool and page tables that the host engine owns: nothing is copied, the
   /// kernels read `pool` and `tables` where they are. Checks the layout and the host tables
-  /// (Error on an inconsistent one); allocates the host lengths only. Engine memory must outlive
-  /// the batch, and the tables must not change while kernels that use them are in flight.
+  /// (Error on an inconsistent one; Error(unsupported) for dtypes the pool's backend cannot read:
+  /// on CUDA, for now, e4m3 or indexer keys of another dtype than K/V); allocates the host
+  /// lengths only. Engine memory must outlive the batch, and the tables must not change while
+  /// kernels that use them are in flight.
   static CacheBatch wrap(const PagedCacheLayout& pool, const PageTableView& tables);
   /// Same, refilling `reuse` (no allocation once it has held as many sequences). A `reuse` that
   /// holds a SharedKVCache's tables which a CUDA graph captured (captured()) raises
@@ -161,12 +216,15 @@ class CacheBatch {
 /// raises Error(invalid_argument)). batch() may run concurrently with appends to other sequences.
 class SharedKVCache {
  public:
-  /// Allocates the page pool on the backend's device (all of it, once).
+  /// Allocates the page pool on the backend's device (all of it, once). A configuration the
+  /// backend has no kernels for raises Error(unsupported) (on CUDA, for now: e4m3 K/V or indexer
+  /// keys, and indexer keys of another dtype than K/V).
   explicit SharedKVCache(const CacheConfig& config, Backend backend = Backend::automatic);
   /// A cache over a pool that the host engine allocated (`pool` describes its K, V and indexer
   /// key pages, any strides; pool.num_pages pages): libclsa manages sequences, pages and appends,
-  /// the memory stays the engine's. `config` gives the dtype and shapes, which must match `pool`
-  /// (config.max_pages is taken from pool.num_pages). The pool's device decides the backend.
+  /// the memory stays the engine's. `config` gives the dtypes and shapes, which must match `pool`
+  /// (config.max_pages is taken from pool.num_pages; e4m3 K/V: config's scales must equal those
+  /// the pool points at, read back once here). The pool's device decides the backend.
   static SharedKVCache wrap(const CacheConfig& config, const PagedCacheLayout& pool);
   ~SharedKVCache();
   SharedKVCache(SharedKVCache&&) noexcept;
@@ -187,12 +245,20 @@ class SharedKVCache {
   /// Page indices of the sequence, in position order.
   std::vector<std::int32_t> pages(SequenceId sequence) const;
 
-  /// Appends T tokens: k and v [T, num_kv_heads, head_dim], index_keys [T, index_dim], all of the
-  /// cache's dtype, on its device, innermost stride 1. All-or-nothing: on any error (bad tensor,
-  /// unknown sequence, too few free pages) the cache is left exactly as it was. On CUDA the copy
-  /// is enqueued on `stream`.
+  /// Appends T tokens: k and v [T, num_kv_heads, head_dim], index_keys [T, index_dim], on the
+  /// cache's device, innermost stride 1. Each is of its cache dtype (k and v of config.dtype,
+  /// index_keys of config.index_key_dtype()), except that what the cache keeps in e4m3 may also be
+  /// given as f32, f16 or bf16 values, which append() quantizes: k and v with the config's scales
+  /// (e4m3(x / scale), round to nearest even, saturating at +-448), each index key with a scale of
+  /// its own (quantize_row_e4m3 with config.index_scale_format; the scale is stored with it).
+  /// Values to be quantized must be finite: a NaN or an infinity raises Error(invalid_argument)
+  /// naming the tensor and the element. Already-quantized e4m3 index_keys come with their per-token
+  /// scales in `index_scales` (f32 [T], finite and > 0, stored as they are); index_scales stays
+  /// undefined otherwise. Already-quantized e4m3 k and v are stored as they are.
+  /// All-or-nothing: on any error (bad tensor, bad value, unknown sequence, too few free pages) the
+  /// cache is left exactly as it was. On CUDA the copy is enqueued on `stream`.
   void append(SequenceId sequence, const TensorView& k, const TensorView& v, const TensorView& index_keys,
-              Stream stream = {});
+              Stream stream = {}, const TensorView& index_scales = {});
 
   /// The page tables of `sequences` (in that order; empty_slot entries are empty slots) for the
   /// kernels. Allocates its tables.
@@ -229,8 +295,9 @@ class SharedKVCache {
   std::unique_ptr<State> state_;
 };
 
-/// Checks a pool description (pointers, dtype, shapes, power-of-two page size, strides; 16-byte
-/// alignment of rows on CUDA); throws Error naming `what` and the offending field.
+/// Checks a pool description (pointers, dtypes, shapes, power-of-two page size, strides; the fp8
+/// scale pointers and strides, and on the CPU the K/V scale values; 16-byte alignment of rows on
+/// CUDA); throws Error naming `what` and the offending field.
 void validate_layout(const char* what, const PagedCacheLayout& layout);
 
 }  // namespace clsa

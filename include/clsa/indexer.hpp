@@ -34,7 +34,8 @@ struct IndexerConfig {
 /// selects again). An index the caller builds may leave it undefined: forward() then looks the
 /// pages up itself. Entries past counts[b,t] are unspecified.
 ///
-/// kv (optional, contiguous [B, T, 2, Hkv, top_k, head_dim] of the cache's dtype): the routed
+/// kv (optional, contiguous [B, T, 2, Hkv, top_k, head_dim] of the cache's K/V dtype; e4m3 rows
+/// as stored, their scales in the cache's layout): the routed
 /// tokens' K (kv[b,t,0]) and V (kv[b,t,1]) rows copied out of the pool, row i holding routed
 /// position i. select() fills it when asked (gather_routed_kv(), or an `out` that has it); every
 /// SparseCrossAttention::forward() over this index then reads K and V there, contiguously, instead
@@ -72,9 +73,11 @@ class CrossLayerIndexer {
  public:
   explicit CrossLayerIndexer(const IndexerConfig& config, Backend backend = Backend::automatic);
   /// Whether `backend` (resolved as the constructor would) has kernels for this configuration
-  /// over a cache of `cache_dtype` (what CUTLASS calls can_implement): when not, `why` (if given)
-  /// receives the reason that select() would raise as Error(unsupported). Invalid configurations
-  /// (the constructor's invalid_argument) are a separate question.
+  /// over indexer keys of `cache_dtype` (CacheConfig::index_key_dtype(): the cache's dtype unless
+  /// index_dtype is set; what CUTLASS calls can_implement): when not, `why` (if given) receives
+  /// the reason that select() would raise as Error(unsupported). Invalid configurations (the
+  /// constructor's invalid_argument) are a separate question. (The CUDA backend has no fp8
+  /// kernels yet: e4m3 answers false there.)
   static bool supports(const IndexerConfig& config, DType cache_dtype, Backend backend = Backend::automatic,
                        std::string* why = nullptr);
   ~CrossLayerIndexer();
@@ -106,8 +109,9 @@ class CrossLayerIndexer {
   /// whose calls check every length before they run.
   void check_status();
 
-  /// q_idx [B, T, num_heads, index_dim] of the cache's dtype; head_weights [B, T, num_heads] of
-  /// any float dtype. The returned index lives in this indexer and stays valid until its next
+  /// q_idx [B, T, num_heads, index_dim] of the indexer keys' dtype (over e4m3 keys: f32, f16 or
+  /// bf16, not quantized); head_weights [B, T, num_heads] of f32, f16 or bf16. e4m3 keys score as
+  /// their values times their per-token scale. The returned index lives in this indexer and stays valid until its next
   /// select(); it is computed once per step and passed to every layer. A sequence of length 0
   /// (an empty batch slot) routes nothing: counts 0, positions -1.
   RoutingIndex select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights,
@@ -115,7 +119,7 @@ class CrossLayerIndexer {
   /// Same, into caller-owned tensors (positions int32 [B, T, top_k], counts int32 [B, T], and
   /// slots int32 [B, T, top_k] when out.slots is defined; a pool of more than 2^31 token slots
   /// refuses out.slots with Error(invalid_argument); kv, contiguous [B, T, 2, Hkv, top_k,
-  /// head_dim] of the cache's dtype, when out.kv is defined).
+  /// head_dim] of the cache's K/V dtype, when out.kv is defined).
   void select(const CacheBatch& batch, const TensorView& q_idx, const TensorView& head_weights, const RoutingIndex& out,
               Stream stream = {});
 

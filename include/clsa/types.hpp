@@ -12,12 +12,14 @@ struct CUstream_st;  // the CUDA runtime's stream type; cudaStream_t is CUstream
 
 namespace clsa {
 
-/// Element type of a tensor. f32/f16/bf16 hold activations and cache entries; i32 holds positions.
-enum class DType { f32, f16, bf16, i32 };
+/// Element type of a tensor. f32/f16/bf16 hold activations and cache entries; e4m3 (OCP float8
+/// e4m3fn, one byte: CUDA's __nv_fp8_e4m3, torch.float8_e4m3fn; clsa::float8_e4m3) holds
+/// quantized cache entries with their scales (CacheConfig); i32 holds positions.
+enum class DType { f32, f16, bf16, i32, e4m3 };
 
 /// Bytes of one element of `dtype`.
 std::size_t dtype_size(DType dtype);
-/// "f32", "f16", "bf16" or "i32".
+/// "f32", "f16", "bf16", "i32" or "e4m3".
 const char* dtype_name(DType dtype);
 
 /// Where memory lives: host memory or the memory of one CUDA device.

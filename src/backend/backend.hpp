@@ -58,13 +58,18 @@ struct AttendCall {
 };
 
 /// One append(): k, v [T, Hkv, D] and index_keys [T, D_idx] to positions first_position.. of a
-/// sequence whose pages (in position order, from page 0) are `pages`.
+/// sequence whose pages (in position order, from page 0) are `pages`. The component has checked
+/// everything: a tensor of the pool's dtype is copied; one of an activation dtype going into an
+/// e4m3 pool is quantized (K/V with layout's k_scales / v_scales, index keys per token with
+/// `index_scale_format`; its values are finite); e4m3 index_keys come with index_scales [T].
 struct AppendCall {
-  PagedCacheLayout layout;
+  PagedCacheLayout layout;  // index_dtype set
   int page_shift = 0;
   const std::int32_t* pages = nullptr;
   std::int64_t first_position = 0;
   TensorView k, v, index_keys;
+  TensorView index_scales;  // f32 [T], with e4m3 index_keys only
+  ScaleFormat index_scale_format = ScaleFormat::f32;
 };
 
 /// What kernels found that the host could not check before they ran (a CUDA-graph replay runs
@@ -118,10 +123,14 @@ class ComputeBackend {
   virtual std::unique_ptr<StatusReport> make_status_report() const = 0;
 
   // The cache.
+  /// Empty when the backend stores (appends) and computes over (indexer, attention) a cache of
+  /// K/V of `kv_dtype` and indexer keys of `index_dtype`, else why not.
+  virtual std::string cache_unsupported(DType kv_dtype, DType index_dtype) const = 0;
   virtual void append(const AppendCall& call, Stream stream) const = 0;
 
-  // The indexer. unsupported_*: empty when the backend runs the configuration, else why not
+  // The indexer. *_unsupported: empty when the backend runs the configuration, else why not
   // (what CUTLASS calls can_implement).
+  /// Over indexer keys of `dtype`.
   virtual std::string indexer_unsupported(const IndexerConfig& config, DType dtype) const = 0;
   virtual std::unique_ptr<Plan> plan_indexer(const IndexerConfig& config, const Bounds& bounds) const = 0;
   virtual void select(const IndexerConfig& config, const SelectCall& call, const Plan& plan, void* scratch,
@@ -132,8 +141,10 @@ class ComputeBackend {
   virtual std::size_t keep_routed_kv_in_l2(Device device, std::size_t bytes) const = 0;
 
   // Attention (sparse and dense).
-  /// Every float dtype of the cache is supported where the configuration is.
+  /// The configuration's shapes (every f32, f16 and bf16 cache is supported where they are).
   virtual std::string attention_unsupported(const AttentionConfig& config) const = 0;
+  /// Over K/V of `kv_dtype`, for a configuration that attention_unsupported() accepts.
+  virtual std::string attention_kv_unsupported(const AttentionConfig& config, DType kv_dtype) const = 0;
   virtual std::unique_ptr<Plan> plan_attention(const AttentionConfig& config, const Bounds& bounds) const = 0;
   virtual void attend(const AttentionConfig& config, const AttendCall& call, const Plan& plan, void* scratch,
                       StatusReport* status, Stream stream) const = 0;

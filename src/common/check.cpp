@@ -72,7 +72,7 @@ void check_tensor(const char* function, const char* name, const TensorView& tens
 void check_float_tensor(const char* function, const char* name, const TensorView& tensor, Device device,
                         std::initializer_list<std::int64_t> shape) {
   check_layout(function, name, tensor, device, shape);
-  if (tensor.dtype() == DType::i32) {
+  if (!is_activation_dtype(tensor.dtype())) {
     fail(ErrorCode::dtype_mismatch,
          concat(function, ": ", name, " is ", tensor.describe(), "; expected a float dtype (f32, f16, bf16)"));
   }

@@ -31,6 +31,15 @@ inline bool is_power_of_two(std::int64_t x) {
   return x > 0 && (x & (x - 1)) == 0;
 }
 
+/// f32, f16 or bf16: the dtypes of activations (queries, outputs, head weights, values to quantize).
+inline bool is_activation_dtype(DType dtype) {
+  return dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16;
+}
+/// What a cache may store: an activation dtype or e4m3.
+inline bool is_cache_dtype(DType dtype) {
+  return is_activation_dtype(dtype) || dtype == DType::e4m3;
+}
+
 /// Requires `value` (named `name`) to be positive.
 void check_positive(const char* function, const char* name, std::int64_t value);
 
@@ -39,7 +48,7 @@ void check_positive(const char* function, const char* name, std::int64_t value);
 void check_tensor(const char* function, const char* name, const TensorView& tensor, DType dtype, Device device,
                   std::initializer_list<std::int64_t> shape);
 
-/// Same, accepting any of f32, f16, bf16.
+/// Same, accepting any of f32, f16, bf16 (is_activation_dtype).
 void check_float_tensor(const char* function, const char* name, const TensorView& tensor, Device device,
                         std::initializer_list<std::int64_t> shape);
 

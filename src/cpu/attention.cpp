@@ -1,6 +1,7 @@
 // Attention on the CPU: one work item per (query row, kv head); the GQA group's query heads
 // share every gathered K/V chunk (include/clsa/cpu/attention.hpp).
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "backend/memory.hpp"
@@ -14,6 +15,18 @@ namespace clsa {
 namespace detail {
 
 namespace {
+
+/// Calls body(TypeTag<Out>{}) with Out the storage type of the output: the cache's (Elem) for
+/// f32, f16 and bf16 caches, q's for e4m3 K/V (dispatched here, once per call).
+template <class Elem, class Body>
+void with_output_type(DType out_dtype, Body&& body) {
+  if constexpr (std::is_same<Elem, float8_e4m3>::value) {
+    dispatch_activation(out_dtype, body);
+  } else {
+    (void)out_dtype;
+    body(TypeTag<Elem>{});
+  }
+}
 
 /// The CPU attention's scratch for its bounds: the queries widened to f32, then each worker's
 /// scratch (rounded up so that every worker's is aligned alike: Eigen's kernels, and so the
@@ -64,38 +77,56 @@ void attend_cpu(const AttentionConfig& c, const AttendCall& call, const Plan& ba
   const std::int32_t* indices = batch.page_indices;
 
   dispatch_float(layout.dtype, [&](auto tag) {
-    using Elem = typename decltype(tag)::type;
-    pool.parallel_for(static_cast<std::int64_t>(rows) * c.num_kv_heads, [&](std::int64_t item, int worker) {
-      const std::int64_t row = item / c.num_kv_heads;
-      const int kv_head = static_cast<int>(item % c.num_kv_heads);
-      const int b = static_cast<int>(row / tokens);
-      const int t = static_cast<int>(row % tokens);
-      float* result = scratch + static_cast<std::size_t>(worker) * plan.scratch_floats;
-      float* lse_values = result + group * dim;
-      float* attend_scratch = lse_values + group;
-      const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
-      const float* query =
-          queries + (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
-      if (routing.positions != nullptr) {
-        const std::int32_t* routed = routing.row_positions(b, t);
-        const int count = routing.count(b, t);
-        cpu::attend(
-            paged, kv_head, dim, count, [routed](int i) { return routed[i]; }, query, group, call.scale, result,
-            lse_values, attend_scratch);
-      } else {
-        const int visible = visible_length(batch.host_lengths[b], tokens, t);
-        cpu::attend(
-            paged, kv_head, dim, visible, [](int i) { return i; }, query, group, call.scale, result, lse_values,
-            attend_scratch);
-      }
-      Elem* destination = out.data_as<Elem>() + b * out.stride(0) + t * out.stride(1);
-      for (int g = 0; g < group; ++g) {
-        const int head = kv_head * group + g;
-        Elem* head_out = destination + head * out.stride(2);
-        for (int d = 0; d < dim; ++d) head_out[d] = from_float<Elem>(result[g * dim + d]);
-        if (lse.defined())
-          lse.data_as<float>()[b * lse.stride(0) + t * lse.stride(1) + head * lse.stride(2)] = lse_values[g];
-      }
+    using Elem = typename decltype(tag)::type;  // of K and V
+    constexpr bool fp8 = std::is_same<Elem, float8_e4m3>::value;
+    // out has the cache's dtype, or with e4m3 K/V that of q (f32, f16 or bf16).
+    with_output_type<Elem>(out.dtype(), [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      pool.parallel_for(static_cast<std::int64_t>(rows) * c.num_kv_heads, [&](std::int64_t item, int worker) {
+        const std::int64_t row = item / c.num_kv_heads;
+        const int kv_head = static_cast<int>(item % c.num_kv_heads);
+        const int b = static_cast<int>(row / tokens);
+        const int t = static_cast<int>(row % tokens);
+        float* result = scratch + static_cast<std::size_t>(worker) * plan.scratch_floats;
+        float* lse_values = result + group * dim;
+        float* attend_scratch = lse_values + group;
+        const cpu::PagedSequence<Elem> paged(layout, indices + indptr[b]);
+        const float* query =
+            queries + (static_cast<std::size_t>(row) * c.num_q_heads + static_cast<std::size_t>(kv_head) * group) * dim;
+        // e4m3 K/V are their values times the kv head's scales, constant over the item: the K
+        // scale folds into the softmax scale (scale * q.(s_k k) = (scale * s_k) * q.k, the lse
+        // included) and the V scale into the output (sum p (s_v v) = s_v * sum p v).
+        float scale = call.scale;
+        float value_scale = 1.0f;
+        if constexpr (fp8) {
+          scale *= layout.k_scales[kv_head * layout.k_scale_stride];
+          value_scale = layout.v_scales[kv_head * layout.v_scale_stride];
+        }
+        if (routing.positions != nullptr) {
+          const std::int32_t* routed = routing.row_positions(b, t);
+          const int count = routing.count(b, t);
+          cpu::attend(
+              paged, kv_head, dim, count, [routed](int i) { return routed[i]; }, query, group, scale, result,
+              lse_values, attend_scratch);
+        } else {
+          const int visible = visible_length(batch.host_lengths[b], tokens, t);
+          cpu::attend(
+              paged, kv_head, dim, visible, [](int i) { return i; }, query, group, scale, result, lse_values,
+              attend_scratch);
+        }
+        Out* destination = out.data_as<Out>() + b * out.stride(0) + t * out.stride(1);
+        for (int g = 0; g < group; ++g) {
+          const int head = kv_head * group + g;
+          Out* head_out = destination + head * out.stride(2);
+          if constexpr (fp8) {
+            for (int d = 0; d < dim; ++d) head_out[d] = from_float<Out>(result[g * dim + d] * value_scale);
+          } else {
+            for (int d = 0; d < dim; ++d) head_out[d] = from_float<Out>(result[g * dim + d]);
+          }
+          if (lse.defined())
+            lse.data_as<float>()[b * lse.stride(0) + t * lse.stride(1) + head * lse.stride(2)] = lse_values[g];
+        }
+      });
     });
   });
 }

@@ -10,7 +10,7 @@ void widen_to_f32(const TensorView& tensor, float* out) {
   if (rank == 0 || tensor.numel() == 0) return;
   const std::int64_t inner = tensor.size(rank - 1);
   const std::int64_t rows = tensor.numel() / inner;
-  dispatch_float(tensor.dtype(), [&](auto tag) {
+  dispatch_activation(tensor.dtype(), [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     const Elem* base = tensor.data_as<const Elem>();
     for (std::int64_t row = 0; row < rows; ++row) {

@@ -106,7 +106,8 @@ void select_cpu(const IndexerConfig& c, const SelectCall& call, const Plan& base
   const std::int64_t chunks = (batch.max_length + kPositionChunk - 1) / kPositionChunk;
   const std::int32_t* indptr = batch.page_indptr;
   const std::int32_t* indices = batch.page_indices;
-  dispatch_float(batch.layout.dtype, [&](auto tag) {
+  // The indexer keys' dtype (e4m3 keys: index_scores applies their per-token scales).
+  dispatch_float(batch.layout.index_key_dtype(), [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     pool.parallel_for(std::int64_t{sequences} * row_blocks * chunks, [&](std::int64_t item, int worker) {
       const int b = static_cast<int>(item / (std::int64_t{row_blocks} * chunks));

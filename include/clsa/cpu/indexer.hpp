@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 
 #include "clsa/cpu/paged.hpp"
 #include "clsa/numeric.hpp"
@@ -28,7 +29,10 @@ inline std::size_t index_scores_scratch(int count, int dim, int rows, int heads)
 
 /// Indexer scores of positions [begin, begin+count) of one sequence for `rows` query rows:
 ///   scores[r*score_stride + j] = scale * sum_h w[r*heads+h] * ReLU(q[(r*heads+h)*dim ...] . key(begin+j))
-/// q is f32 [rows*heads, dim], w f32 [rows*heads].
+/// q is f32 [rows*heads, dim], w f32 [rows*heads]. e4m3 keys (Elem = float8_e4m3) are their
+/// values times their per-token scale s: the dot product is taken with the values, exact in f32,
+/// and multiplied by s (DeepGEMM's fp8_paged_mqa_logits applies s after the ReLU and the head
+/// weights, the same for s > 0 up to f32 rounding), then ReLU and head weights as for any key.
 template <class Elem>
 void index_scores(const PagedSequence<Elem>& sequence, std::int64_t begin, int count, int dim, const float* q,
                   const float* w, int rows, int heads, float scale, float* scores, std::int64_t score_stride,
@@ -40,6 +44,9 @@ void index_scores(const PagedSequence<Elem>& sequence, std::int64_t begin, int c
   ConstMatrixMap query_matrix(q, static_cast<Eigen::Index>(rows) * heads, dim);
   MatrixMap dots(keys + static_cast<std::ptrdiff_t>(count) * dim, count, static_cast<Eigen::Index>(rows) * heads);
   dots.noalias() = key_matrix * query_matrix.transpose();
+  if constexpr (std::is_same<Elem, float8_e4m3>::value) {
+    for (int j = 0; j < count; ++j) dots.row(j) *= sequence.index_scale(begin + j);
+  }
   for (int r = 0; r < rows; ++r) {
     const float* weights = w + static_cast<std::ptrdiff_t>(r) * heads;
     float* out = scores + r * score_stride;
