@@ -250,23 +250,12 @@ int run_bench(const BenchOptions& options) {
   const clsa::DType index_dtype = options.index_dtype.value_or(options.dtype);
   const clsa::DType activation = kv_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : kv_dtype;
   const clsa::DType key_input = index_dtype == clsa::DType::e4m3 ? clsa::DType::bf16 : index_dtype;
-  {
-    // Refused configurations end here, saying why (e.g. fp8 on the CUDA backend, which has no fp8
-    // kernels yet).
-    clsa::IndexerConfig probe;
-    probe.num_heads = options.index_heads;
-    probe.index_dim = options.index_dim;
-    probe.top_k = options.top_k;
-    clsa::AttentionConfig attention_probe;
-    attention_probe.num_q_heads = options.q_heads;
-    attention_probe.num_kv_heads = options.kv_heads;
-    attention_probe.head_dim = options.head_dim;
-    std::string why;
-    if (!clsa::CrossLayerIndexer::supports(probe, index_dtype, backend, &why) ||
-        !clsa::SparseCrossAttention::supports(attention_probe, kv_dtype, backend, &why)) {
-      std::fprintf(stderr, "clsa bench: unsupported on %s: %s\n", clsa::backend_name(backend), why.c_str());
-      return 1;
-    }
+  // Refused configurations end here, saying why (e.g. fp8 on the CUDA backend, which has no fp8
+  // kernels yet).
+  if (!backend_runs("bench", backend,
+                    {options.index_heads, options.index_dim, options.top_k, options.q_heads, options.kv_heads,
+                     options.head_dim, index_dtype, kv_dtype})) {
+    return 1;
   }
 
   Timer timer(device, warmup, iterations);

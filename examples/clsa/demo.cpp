@@ -243,21 +243,10 @@ int run_demo(const DemoOptions& options) {
     }
   }
   // What every backend must run for this demo: refused configurations end here, saying why.
-  {
-    clsa::IndexerConfig probe;
-    probe.num_heads = d.index_heads;
-    probe.index_dim = d.index_dim;
-    probe.top_k = options.top_k;
-    clsa::AttentionConfig attention_probe;
-    attention_probe.num_q_heads = d.q_heads;
-    attention_probe.num_kv_heads = d.kv_heads;
-    attention_probe.head_dim = d.head_dim;
-    std::string why;
-    if (!clsa::CrossLayerIndexer::supports(probe, index_dtype, backend, &why) ||
-        !clsa::SparseCrossAttention::supports(attention_probe, kv_dtype, backend, &why)) {
-      std::fprintf(stderr, "clsa demo: unsupported on %s: %s\n", clsa::backend_name(backend), why.c_str());
-      return 1;
-    }
+  if (!backend_runs(
+          "demo", backend,
+          {d.index_heads, d.index_dim, options.top_k, d.q_heads, d.kv_heads, d.head_dim, index_dtype, kv_dtype})) {
+    return 1;
   }
   clsa::SharedKVCache cache(cache_config, backend);
   const clsa::SequenceId sequence = cache.add_sequence();

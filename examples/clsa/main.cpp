@@ -20,6 +20,24 @@ clsa::DType parse_dtype(const std::string& name) {
   return names.at(name);
 }
 
+bool backend_runs(const char* command, clsa::Backend backend, const StepShape& shape) {
+  clsa::IndexerConfig indexer;
+  indexer.num_heads = shape.index_heads;
+  indexer.index_dim = shape.index_dim;
+  indexer.top_k = shape.top_k;
+  clsa::AttentionConfig attention;
+  attention.num_q_heads = shape.q_heads;
+  attention.num_kv_heads = shape.kv_heads;
+  attention.head_dim = shape.head_dim;
+  std::string why;
+  if (clsa::CrossLayerIndexer::supports(indexer, shape.index_dtype, backend, &why) &&
+      clsa::SparseCrossAttention::supports(attention, shape.kv_dtype, backend, &why)) {
+    return true;
+  }
+  std::fprintf(stderr, "clsa %s: unsupported on %s: %s\n", command, clsa::backend_name(backend), why.c_str());
+  return false;
+}
+
 }  // namespace clsa_program
 
 int main(int argc, char** argv) {

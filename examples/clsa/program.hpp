@@ -52,4 +52,17 @@ clsa::Backend parse_backend(const std::string& name);
 /// Parses "f32", "f16", "bf16" or "e4m3".
 clsa::DType parse_dtype(const std::string& name);
 
+/// The shapes of a subcommand's step: the indexer's and the sparse attention's, and their caches'
+/// dtypes.
+struct StepShape {
+  int index_heads, index_dim, top_k;
+  int q_heads, kv_heads, head_dim;
+  clsa::DType index_dtype, kv_dtype;
+};
+
+/// Whether `backend` runs a CrossLayerIndexer and a SparseCrossAttention of `shape`; if not, says
+/// why on stderr ("clsa <command>: unsupported on <backend>: <why>"): refused configurations end
+/// there, before any cache is allocated.
+bool backend_runs(const char* command, clsa::Backend backend, const StepShape& shape);
+
 }  // namespace clsa_program
