@@ -394,7 +394,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
 
 /// Copies the routed rows of K and V of gather CTA (row, token block) into RoutingRows::kv:
 /// per token, per kv head, `dim` elements of K then of V, as 16-byte vectors (all of a thread's
-/// loads in flight before its stores). Entries past the row's count are left as they are.
+/// loads in flight before its stores). Entries past the row's count are left as they are. A
+/// programmatic dependent of the select kernel (sm_90): its CTAs are placed while the select runs
+/// and wait for its counts and positions, so its launch leaves the step's critical path.
 template <int kVectorsPerRow>
 __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) {
   const IndexerArgs& a = p.a;
@@ -404,6 +406,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(SelectParams p) 
   const int b = row / a.tokens;
   const int t = row % a.tokens;
   const int first = static_cast<int>(blockIdx.y) * kGatherTokens;
+  wait_for_predecessor();  // the select kernel's counts and positions
   const int count = routing.count(b, t);
   const int tokens = min(kGatherTokens, count - first);
   if (tokens <= 0) return;
@@ -498,13 +501,12 @@ void launch_select(const SelectParams& p, int rows, bool dependent, cudaStream_t
   if (routing.rows.kv == nullptr) return;
   const IndexerArgs& a = p.a;
   const int vectors = static_cast<int>(static_cast<std::size_t>(a.layout.head_dim) * dtype_size(a.layout.dtype) / 16);
-  // An ordinary launch for now: the engine loop's CUDA-vs-CPU check failed with the gather as a
-  // programmatic dependent (2026-12-07, not yet explained; see docs/performance.md).
-  launch_kernel(gather_kernel_for(vectors),
-                dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(routing.rows.top_k, kGatherTokens))),
-                dim3(kGatherThreads), 0, stream,
-                LaunchAttributes{}.persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
-                "indexer gather_kernel", p);
+  launch_kernel(
+      gather_kernel_for(vectors),
+      dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(routing.rows.top_k, kGatherTokens))),
+      dim3(kGatherThreads), 0, stream,
+      LaunchAttributes{}.dependent(dependent).persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
+      "indexer gather_kernel", p);
 }
 
 bool select_dependent_launch_ready() {
