@@ -252,7 +252,8 @@ void init_layout(Layout* self, nb::handle k, nb::handle v, nb::handle index_keys
            std::string(name) + " is " + view->describe() + "; its innermost stride must be 1");
     }
   }
-  clsa::PagedCacheLayout& l = self->layout;
+  Layout made;
+  clsa::PagedCacheLayout& l = made.layout;
   l.k = kv.data();
   l.v = vv.data();
   l.index_keys = iv.data();
@@ -299,12 +300,13 @@ void init_layout(Layout* self, nb::handle k, nb::handle v, nb::handle index_keys
   kv_scales("k_scales", ksv, l.k_scales, l.k_scale_stride);
   kv_scales("v_scales", vsv, l.v_scales, l.v_scale_stride);
   clsa::validate_layout("PagedCacheLayout", l);
-  self->k = nb::borrow(k);
-  self->v = nb::borrow(v);
-  self->index_keys = nb::borrow(index_keys);
-  self->index_scales = nb::borrow(index_scales);
-  self->k_scales = nb::borrow(k_scales);
-  self->v_scales = nb::borrow(v_scales);
+  made.k = nb::borrow(k);
+  made.v = nb::borrow(v);
+  made.index_keys = nb::borrow(index_keys);
+  made.index_scales = nb::borrow(index_scales);
+  made.k_scales = nb::borrow(k_scales);
+  made.v_scales = nb::borrow(v_scales);
+  new (self) Layout(std::move(made));  // nanobind hands __init__ raw memory
 }
 
 /// Wraps engine page tables (FlashInfer/vLLM layout) over `pool`.
@@ -506,8 +508,8 @@ void bind_cache(nb::module_& m) {
   nb::class_<Layout>(m, "PagedCacheLayout",
                      "A paged K/V/indexer-key pool: an engine's own arrays (for SharedKVCache.wrap and "
                      "CacheBatch.wrap), or a cache's pool (SharedKVCache.layout()).")
-      .def("__init__", &init_layout, "k"_a, "v"_a, "index_keys"_a, nb::kw_only(), "index_scales"_a = nb::none(),
-           "k_scales"_a = nb::none(), "v_scales"_a = nb::none(),
+      .def("__init__", &init_layout, "k"_a.none(), "v"_a.none(), "index_keys"_a.none(), nb::kw_only(),
+           "index_scales"_a = nb::none(), "k_scales"_a = nb::none(), "v_scales"_a = nb::none(),
            "k, v: [num_pages, page_size, num_kv_heads, head_dim]; index_keys: [num_pages, page_size, index_dim]; "
            "any outer strides, innermost stride 1, no copy. e4m3 index keys: index_scales f32 [num_pages, "
            "page_size]; e4m3 K/V: k_scales and v_scales f32 [1] or [num_kv_heads].")
@@ -544,8 +546,9 @@ void bind_cache(nb::module_& m) {
                         host_last_page_lengths, nb::cast<Batch&>(out), true);
             return nb::borrow(out);
           },
-          "pool"_a, "page_indptr"_a, "page_indices"_a, "last_page_lengths"_a, "host_page_indptr"_a = nb::none(),
-          "host_last_page_lengths"_a = nb::none(), nb::kw_only(), "out"_a = nb::none(),
+          "pool"_a.none(), "page_indptr"_a.none(), "page_indices"_a.none(), "last_page_lengths"_a.none(),
+          "host_page_indptr"_a = nb::none(), "host_last_page_lengths"_a = nb::none(), nb::kw_only(),
+          "out"_a = nb::none(),
           "A batch over an engine's pool (PagedCacheLayout) and FlashInfer/vLLM page tables (int32, contiguous, "
           "on the pool's device; for a CUDA pool also their host copies). Nothing is copied: the arrays must "
           "outlive the batch (it holds them). out=: refill that batch in place (no allocation once it has held "
@@ -585,7 +588,7 @@ void bind_cache(nb::module_& m) {
             cache.pool = nb::borrow(pool);
             return cache;
           },
-          "config"_a, "pool"_a,
+          "config"_a, "pool"_a.none(),
           "A cache over an engine's pool (PagedCacheLayout): libclsa manages sequences, pages and appends, the "
           "memory stays the engine's (the cache holds the arrays).")
       .def_prop_ro("config", [](const Cache& c) { return c.cache.config(); })
@@ -624,7 +627,7 @@ void bind_cache(nb::module_& m) {
             const clsa::TensorView sv = to_view(call, "index_scales", index_scales, Access::read, true);
             c.cache.append(static_cast<clsa::SequenceId>(id), kv, vv, iv, to_stream(call, stream), sv);
           },
-          "sequence"_a, "k"_a, "v"_a, "index_keys"_a, nb::kw_only(), "index_scales"_a = nb::none(),
+          "sequence"_a, "k"_a.none(), "v"_a.none(), "index_keys"_a.none(), nb::kw_only(), "index_scales"_a = nb::none(),
           "stream"_a = nb::none(),
           "Appends T tokens: k, v [T, num_kv_heads, head_dim], index_keys [T, index_dim] (e4m3 caches also take "
           "f32/f16/bf16 values and quantize them). All-or-nothing.")
@@ -638,7 +641,7 @@ void bind_cache(nb::module_& m) {
             Batch batch{c.cache.batch(clsa::Span<clsa::SequenceId>(ids), to_stream(call, stream)), nb::borrow(self)};
             return batch;
           },
-          "sequences"_a, nb::kw_only(), "stream"_a = nb::none(),
+          "sequences"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
           "The page tables of `sequences` (ids; None or EMPTY_SLOT: an empty slot), in new tables.")
       .def(
           "reserve_batch",
@@ -659,7 +662,7 @@ void bind_cache(nb::module_& m) {
             c.cache.batch(clsa::Span<clsa::SequenceId>(ids), batch.batch, to_stream(call, stream));
             batch.keep = nb::borrow(self);
           },
-          "batch"_a, "sequences"_a, nb::kw_only(), "stream"_a = nb::none(),
+          "batch"_a, "sequences"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
           "Refills `batch` in place for `sequences` (slots past them are emptied); a reserve_batch() batch that "
           "cannot hold them raises capacity_exceeded and is left as it was, others grow.")
       .def("memory", [](const Cache& c) { return c.cache.memory(); });
@@ -695,7 +698,8 @@ void bind_routing(nb::module_& m) {
             self->kv = nb::borrow(kv);
             self->writable = writable;
           },
-          "positions"_a, "counts"_a, "top_k"_a = nb::none(), nb::kw_only(), "slots"_a = nb::none(), "kv"_a = nb::none(),
+          "positions"_a.none(), "counts"_a.none(), "top_k"_a = nb::none(), nb::kw_only(), "slots"_a = nb::none(),
+          "kv"_a = nb::none(),
           "An index over caller arrays (no copy): to select() into (out=) or to hand to forward(). top_k defaults "
           "to positions.shape[2].")
       .def_prop_ro(
@@ -762,7 +766,7 @@ void bind_routing(nb::module_& m) {
             i.indexer.set_workspace(data, bytes, max_sequences, max_tokens, max_length);
             i.workspace = nb::borrow(workspace);
           },
-          "workspace"_a, "max_sequences"_a, "max_tokens"_a, "max_length"_a,
+          "workspace"_a.none(), "max_sequences"_a, "max_tokens"_a, "max_length"_a,
           "The same plan on a caller array (contiguous, >= workspace_bytes(), 256-byte aligned; held by the "
           "indexer).")
       .def(
@@ -804,7 +808,8 @@ void bind_routing(nb::module_& m) {
             routing.as_torch = is_torch_tensor(q_idx);
             return nb::cast(std::move(routing));
           },
-          "batch"_a, "q_idx"_a, "head_weights"_a, nb::kw_only(), "out"_a = nb::none(), "stream"_a = nb::none(),
+          "batch"_a, "q_idx"_a.none(), "head_weights"_a.none(), nb::kw_only(), "out"_a = nb::none(),
+          "stream"_a = nb::none(),
           "Routes every query token: q_idx [B, T, num_heads, index_dim], head_weights [B, T, num_heads]. Returns "
           "an index in the indexer's workspace, valid until its next select() or re-plan (its arrays alias that "
           "memory), or fills out= (a RoutingIndex over caller arrays) and returns it.");
@@ -860,7 +865,7 @@ void bind_attention(nb::module_& m) {
             a.attention.set_workspace(data, bytes, max_sequences, max_tokens, top_k);
             a.workspace = nb::borrow(workspace);
           },
-          "workspace"_a, "max_sequences"_a, "max_tokens"_a, "top_k"_a)
+          "workspace"_a.none(), "max_sequences"_a, "max_tokens"_a, "top_k"_a)
       .def(
           "forward",
           [](Sparse& a, const Batch& batch, const Routing& routing, nb::handle q, nb::handle out, nb::handle lse,
@@ -874,7 +879,7 @@ void bind_attention(nb::module_& m) {
             a.attention.forward(batch.batch, index, qv, ov, to_stream(call, stream), lv);
             return result;
           },
-          "batch"_a, "routing"_a, "q"_a, "out"_a = nb::none(), nb::kw_only(), "lse"_a = nb::none(),
+          "batch"_a, "routing"_a, "q"_a.none(), "out"_a = nb::none(), nb::kw_only(), "lse"_a = nb::none(),
           "stream"_a = nb::none(),
           "out[b,t,h] = attention of q[b,t,h] over the routed tokens; q, out [B, T, num_q_heads, head_dim], lse "
           "f32 [B, T, num_q_heads] (optional). Allocates out like q when not given; returns out.");
@@ -911,7 +916,7 @@ void bind_attention(nb::module_& m) {
             a.attention.set_workspace(data, bytes, max_sequences, max_tokens, max_length);
             a.workspace = nb::borrow(workspace);
           },
-          "workspace"_a, "max_sequences"_a, "max_tokens"_a, "max_length"_a)
+          "workspace"_a.none(), "max_sequences"_a, "max_tokens"_a, "max_length"_a)
       .def("check_status", [](Dense& a) { a.attention.check_status(); })
       .def(
           "forward",
@@ -924,7 +929,7 @@ void bind_attention(nb::module_& m) {
             a.attention.forward(batch.batch, qv, ov, to_stream(call, stream), lv);
             return result;
           },
-          "batch"_a, "q"_a, "out"_a = nb::none(), nb::kw_only(), "lse"_a = nb::none(), "stream"_a = nb::none(),
+          "batch"_a, "q"_a.none(), "out"_a = nb::none(), nb::kw_only(), "lse"_a = nb::none(), "stream"_a = nb::none(),
           "out[b,t,h] = causal attention of q[b,t,h] over every visible cached token. Returns out.");
 }
 
@@ -956,6 +961,10 @@ NB_MODULE(_clsa, m) {
         }
       },
       error);
+
+  // torch (clsa.torch, torch.compile's caches) may hold libclsa objects past the interpreter's
+  // teardown of this module; clsa.torch turns nanobind's leak report off for that reason.
+  m.def("_set_leak_warnings", &nb::set_leak_warnings, "enabled"_a);
 
   clsa_py::bind_vocabulary(m);
   clsa_py::bind_cache(m);
