@@ -21,25 +21,11 @@ using ConstMatrixMap = Eigen::Map<const RowMajorMatrix, Eigen::Unaligned, Eigen:
 /// Checks that `view` is a host tensor of `dtype` and rank `rank` with innermost stride 1.
 void check_view(const char* op, const char* name, const clsa::TensorView& view, int rank,
                 clsa::DType dtype = clsa::DType::f32) {
-  if (!view.defined()) fail(clsa::ErrorCode::invalid_argument, std::string(op) + ": " + name + " is undefined");
-  if (!view.device().is_cpu()) {
-    fail(clsa::ErrorCode::device_mismatch, std::string(op) + ": " + name + " is " + view.describe() + "; expected cpu");
-  }
-  if (view.dtype() != dtype) {
-    fail(clsa::ErrorCode::dtype_mismatch,
-         std::string(op) + ": " + name + " is " + view.describe() + "; expected " + clsa::dtype_name(dtype));
-  }
-  if (view.rank() != rank || view.stride(rank - 1) != 1) {
-    fail(clsa::ErrorCode::shape_mismatch, std::string(op) + ": " + name + " is " + view.describe() +
-                                              "; expected rank " + std::to_string(rank) + " with innermost stride 1");
-  }
+  check_operand("CpuDecoderOps", op, name, view, rank, dtype, clsa::Device::cpu());
 }
 
 void check_extent(const char* op, const char* name, const clsa::TensorView& view, int dim, std::int64_t expected) {
-  if (view.size(dim) != expected) {
-    fail(clsa::ErrorCode::shape_mismatch, std::string(op) + ": " + name + " is " + view.describe() + "; dimension " +
-                                              std::to_string(dim) + " should be " + std::to_string(expected));
-  }
+  yoco::check_extent("CpuDecoderOps", op, name, view, dim, expected);
 }
 
 ConstMatrixMap const_matrix(const clsa::TensorView& view) {
@@ -217,36 +203,22 @@ void CpuDecoderOps::copy(const clsa::TensorView& source, const clsa::TensorView&
   result = const_matrix(source);
 }
 
+void CpuDecoderOps::fill_zero(const clsa::TensorView& target) {
+  if (!target.is_contiguous()) fail(clsa::ErrorCode::shape_mismatch, "fill_zero: target " + target.describe());
+  check_view("fill_zero", "target", target, target.rank(), target.dtype());
+  std::memset(target.data(), 0, static_cast<std::size_t>(target.numel()) * clsa::dtype_size(target.dtype()));
+}
+
 void CpuDecoderOps::window_attention(WindowKvCache& cache, int layer, const clsa::TensorView& slots,
                                      const clsa::TensorView& starts, const clsa::TensorView& q,
                                      const clsa::TensorView& k, const clsa::TensorView& v,
                                      const clsa::TensorView& out) {
   const char* op = "window_attention";
-  check_view(op, "slots", slots, 1, clsa::DType::i32);
-  check_view(op, "starts", starts, 1, clsa::DType::i32);
-  check_view(op, "q", q, 4);
-  check_view(op, "k", k, 4);
-  check_view(op, "v", v, 4);
-  check_view(op, "out", out, 4);
+  check_window_attention("CpuDecoderOps", cache, layer, slots, starts, q, k, v, out, clsa::DType::f32,
+                         clsa::Device::cpu());
   const std::int64_t batch = q.size(0), tokens = q.size(1);
   const int q_heads = static_cast<int>(q.size(2));
   const int kv_heads = cache.kv_heads, head_dim = cache.head_dim, window = cache.window;
-  check_view(op, "cache.k", cache.k.view(), 5);
-  check_extent(op, "slots", slots, 0, batch);
-  check_extent(op, "starts", starts, 0, batch);
-  for (const clsa::TensorView* kv : {&k, &v}) {
-    check_extent(op, "k/v", *kv, 0, batch);
-    check_extent(op, "k/v", *kv, 1, tokens);
-    check_extent(op, "k/v", *kv, 2, kv_heads);
-    check_extent(op, "k/v", *kv, 3, head_dim);
-  }
-  for (int d = 0; d < 4; ++d) check_extent(op, "out", out, d, q.size(d));
-  check_extent(op, "q", q, 3, head_dim);
-  if (q_heads % kv_heads != 0 || layer < 0 || layer >= cache.layers) {
-    fail(clsa::ErrorCode::invalid_argument, std::string(op) + ": layer " + std::to_string(layer) + " of " +
-                                                std::to_string(cache.layers) + ", q heads " + std::to_string(q_heads) +
-                                                " over kv heads " + std::to_string(kv_heads));
-  }
   const int group = q_heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const std::int64_t ring_row = std::int64_t{kv_heads} * head_dim;  // one token of the ring

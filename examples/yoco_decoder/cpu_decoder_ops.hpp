@@ -47,6 +47,7 @@ class CpuDecoderOps final : public DecoderOps {
   void swiglu(const clsa::TensorView& gate_up, const clsa::TensorView& out) override;
   void add(const clsa::TensorView& x, const clsa::TensorView& y) override;
   void copy(const clsa::TensorView& source, const clsa::TensorView& target) override;
+  void fill_zero(const clsa::TensorView& target) override;
   void window_attention(WindowKvCache& cache, int layer, const clsa::TensorView& slots, const clsa::TensorView& starts,
                         const clsa::TensorView& q, const clsa::TensorView& k, const clsa::TensorView& v,
                         const clsa::TensorView& out) override;

@@ -26,10 +26,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "clsa/clsa.hpp"
+#include "cuda_support.hpp"
 #include "decoder_ops.hpp"
 #include "model.hpp"
 
@@ -44,6 +47,13 @@ struct DecoderLimits {
   int max_batch = 8;            // sequences decoded together (decoder slots)
   std::int64_t max_length = 0;  // longest sequence, prompt and decoded tokens
   int prefill_chunk = 512;      // prompt tokens per prefill pass
+  /// Decoding steps replay CUDA graphs (ops on a CUDA stream only): the step's device work between
+  /// its host-side library calls (SharedKVCache::append and the batch's table refill, which
+  /// libclsa's API makes host calls) is captured once per batch size and section and replayed.
+  /// YOCO variants: two sections a step (embedding .. shared K/V projection | indexer ..
+  /// logits, the appends and the refill between them); the standard Transformer: layers + 1
+  /// (its per-layer appends between them). Prefill passes run eagerly.
+  bool graphs = false;
 };
 
 /// The CLSA variant's routing (the CrossLayerIndexer's configuration).
@@ -89,6 +99,12 @@ class Decoder {
   /// Adds a sequence in a free slot and prefills its prompt; the logits of its last prompt token
   /// are then logits(1). Returns the slot.
   int join(const std::vector<std::int32_t>& prompt);
+  /// The benchmark's join: a sequence whose cache holds `length` tokens of synthetic K/V (and
+  /// indexer keys), appended in chunks without running the model, and whose window ring is left as
+  /// it is (zeros for a fresh decoder). What a prefill of `length` tokens leaves, as far as a
+  /// decoding step's time goes: the step reads every cached token whatever its values. Returns the
+  /// slot; its logits are undefined until its first step.
+  int join_synthetic(std::int64_t length);
   /// Releases the sequence in `slot` (its cache pages and its slot).
   void leave(int slot);
   /// One decoding step: the sequence in slots[b] is fed tokens[b]; logits(B) row b is its next-token
@@ -99,6 +115,13 @@ class Decoder {
   clsa::TensorView logits(int rows) const;
   std::int64_t length(int slot) const;
   KvMemory memory() const;
+
+  /// Graphs captured so far and replays (DecoderLimits::graphs).
+  int graphs_captured() const { return static_cast<int>(graphs_.size()); }
+  std::int64_t graph_replays() const { return graph_replays_; }
+  /// Raises Error(capacity_exceeded) when a replayed step met a sequence beyond the libclsa
+  /// components' plans (their check_status()); call it once the stream's work is done.
+  void check_status();
 
   /// The self-check tap: when on, every pass copies the hidden state of its output rows after the
   /// first half of the layers (the self-decoder's output) to self_decoder_output(rows).
@@ -117,11 +140,24 @@ class Decoder {
   };
 
   void run_pass(const Pass& pass);
-  /// Layer `layer` over the rows x [batch * tokens, hidden]; positions i32 [batch * tokens].
-  void run_layer(int layer, Attention attention, const clsa::TensorView& x, const Pass& pass,
-                 const clsa::TensorView& positions);
-  /// YOCO: the shared cache's K/V (and the CLSA indexer keys) of the pass's rows, appended once.
-  void append_shared(const clsa::TensorView& x, const Pass& pass, const clsa::TensorView& positions);
+  /// Device work of the pass between two host-side calls: run now, or (a decoding step with
+  /// graphs on) replayed from the graph captured for (batch, section) -- captured on first use.
+  /// `enqueue` must only enqueue device work (ops and libclsa's select/forward).
+  template <class Enqueue>
+  void run_section(const Pass& pass, int section, Enqueue&& enqueue);
+  /// The first half of layer `layer` over the rows x [batch * tokens, hidden]: pre-norm, its
+  /// projections (q, and k and v where the layer attends over K/V of its own), RoPE.
+  void project(int layer, Attention attention, const clsa::TensorView& x, const Pass& pass,
+               const clsa::TensorView& positions);
+  /// The second half: attention, output projection, residual, feed-forward block, residual.
+  void attend(int layer, Attention attention, const clsa::TensorView& x, const Pass& pass);
+  /// YOCO: the shared cache's K/V (and the CLSA indexer keys) of the pass's rows (device work).
+  void project_shared(const clsa::TensorView& x, const Pass& pass, const clsa::TensorView& positions);
+  /// YOCO: those rows appended once to the shared cache (host calls).
+  void append_shared(const Pass& pass);
+  /// Standard: layer `layer`'s K/V rows (left in qkv_ by project) appended to its cache, and its
+  /// batch refilled (host calls).
+  void append_own(int layer, const Pass& pass);
   void fill_batch(const Pass& pass, int layer);
 
   Variant variant_;
@@ -157,6 +193,12 @@ class Decoder {
   // Host staging of the pass's tokens, positions, window slots and starts; the batch's sequence ids.
   std::vector<std::int32_t> host_tokens_, host_positions_, host_slots_, host_starts_;
   std::vector<clsa::SequenceId> batch_ids_;
+  // join_synthetic's rows: [rows, 2 kv_width + index width], allocated on first use.
+  clsa::Tensor synthetic_;
+
+  // The captured sections of decoding steps, by (batch size, section).
+  std::map<std::pair<int, int>, cuda_support::CapturedGraph> graphs_;
+  std::int64_t graph_replays_ = 0;
 };
 
 }  // namespace yoco

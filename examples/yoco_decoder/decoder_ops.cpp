@@ -1,5 +1,6 @@
 #include "decoder_ops.hpp"
 
+#include <initializer_list>
 #include <string>
 
 namespace yoco {
@@ -18,6 +19,67 @@ void require_matrix(const clsa::TensorView& view, const char* what) {
 }
 
 }  // namespace
+
+void check_operand(const char* ops, const char* op, const char* name, const clsa::TensorView& view, int rank,
+                   clsa::DType dtype, clsa::Device device) {
+  // The message is built only on failure: checks run on every call of a decoding step.
+  auto what = [&] { return std::string(ops) + "::" + op + ": " + name; };
+  if (!view.defined()) throw clsa::Error(clsa::ErrorCode::invalid_argument, what() + " is undefined");
+  if (view.device() != device) {
+    throw clsa::Error(clsa::ErrorCode::device_mismatch,
+                      what() + " is " + view.describe() + "; expected " + clsa::device_name(device));
+  }
+  if (view.dtype() != dtype) {
+    throw clsa::Error(clsa::ErrorCode::dtype_mismatch,
+                      what() + " is " + view.describe() + "; expected " + clsa::dtype_name(dtype));
+  }
+  if (view.rank() != rank || view.stride(rank - 1) != 1) {
+    throw clsa::Error(clsa::ErrorCode::shape_mismatch, what() + " is " + view.describe() + "; expected rank " +
+                                                           std::to_string(rank) + " with innermost stride 1");
+  }
+}
+
+void check_extent(const char* ops, const char* op, const char* name, const clsa::TensorView& view, int dim,
+                  std::int64_t expected) {
+  if (view.size(dim) != expected) {
+    throw clsa::Error(clsa::ErrorCode::shape_mismatch, std::string(ops) + "::" + op + ": " + name + " is " +
+                                                           view.describe() + "; dimension " + std::to_string(dim) +
+                                                           " should be " + std::to_string(expected));
+  }
+}
+
+void check_window_attention(const char* ops, const WindowKvCache& cache, int layer, const clsa::TensorView& slots,
+                            const clsa::TensorView& starts, const clsa::TensorView& q, const clsa::TensorView& k,
+                            const clsa::TensorView& v, const clsa::TensorView& out, clsa::DType dtype,
+                            clsa::Device device) {
+  const char* op = "window_attention";
+  check_operand(ops, op, "slots", slots, 1, clsa::DType::i32, device);
+  check_operand(ops, op, "starts", starts, 1, clsa::DType::i32, device);
+  check_operand(ops, op, "q", q, 4, dtype, device);
+  check_operand(ops, op, "k", k, 4, dtype, device);
+  check_operand(ops, op, "v", v, 4, dtype, device);
+  check_operand(ops, op, "out", out, 4, dtype, device);
+  check_operand(ops, op, "cache.k", cache.k.view(), 5, dtype, device);
+  check_operand(ops, op, "cache.v", cache.v.view(), 5, dtype, device);
+  const std::int64_t batch = q.size(0), tokens = q.size(1);
+  check_extent(ops, op, "slots", slots, 0, batch);
+  check_extent(ops, op, "starts", starts, 0, batch);
+  for (const clsa::TensorView* kv : {&k, &v}) {
+    check_extent(ops, op, "k/v", *kv, 0, batch);
+    check_extent(ops, op, "k/v", *kv, 1, tokens);
+    check_extent(ops, op, "k/v", *kv, 2, cache.kv_heads);
+    check_extent(ops, op, "k/v", *kv, 3, cache.head_dim);
+  }
+  for (int d = 0; d < 4; ++d) check_extent(ops, op, "out", out, d, q.size(d));
+  check_extent(ops, op, "q", q, 3, cache.head_dim);
+  const int q_heads = static_cast<int>(q.size(2));
+  if (q_heads % cache.kv_heads != 0 || layer < 0 || layer >= cache.layers) {
+    throw clsa::Error(clsa::ErrorCode::invalid_argument,
+                      std::string(ops) + "::" + op + ": layer " + std::to_string(layer) + " of " +
+                          std::to_string(cache.layers) + ", q heads " + std::to_string(q_heads) + " over kv heads " +
+                          std::to_string(cache.kv_heads));
+  }
+}
 
 WindowKvCache DecoderOps::allocate_window_cache(int layers, int slots, int window, int kv_heads, int head_dim) const {
   WindowKvCache cache;

@@ -82,6 +82,8 @@ class DecoderOps {
   virtual void add(const clsa::TensorView& x, const clsa::TensorView& y) = 0;
   /// target := source, matrices of one shape (the decoder's self-check tap; not in the step).
   virtual void copy(const clsa::TensorView& source, const clsa::TensorView& target) = 0;
+  /// target := 0 (every byte), a contiguous tensor of any dtype (set-up: the window cache).
+  virtual void fill_zero(const clsa::TensorView& target) = 0;
   /// Sliding-window causal attention of one self-decoder layer over its window cache. Sequence b
   /// of the call sits in decoder slot slots[b] and its T query tokens at positions starts[b] ..
   /// starts[b] + T - 1; query position p attends to positions max(0, p - window + 1) .. p: those
@@ -93,6 +95,22 @@ class DecoderOps {
                                 const clsa::TensorView& starts, const clsa::TensorView& q, const clsa::TensorView& k,
                                 const clsa::TensorView& v, const clsa::TensorView& out) = 0;
 };
+
+/// Checks operand `name` of `ops`::`op`: defined, on `device`, of `dtype`, of rank `rank` with
+/// innermost stride 1; else Error naming them and the view.
+void check_operand(const char* ops, const char* op, const char* name, const clsa::TensorView& view, int rank,
+                   clsa::DType dtype, clsa::Device device);
+/// Checks that dimension `dim` of operand `name` of `ops`::`op` is `expected`.
+void check_extent(const char* ops, const char* op, const char* name, const clsa::TensorView& view, int dim,
+                  std::int64_t expected);
+/// The checks of window_attention's operands that need no device data, for every backend: ranks,
+/// dtypes (cache, q, k, v and out of `dtype`; slots and starts i32), devices, extents, the layer
+/// and the GQA grouping. (Slots and start positions are values on the device; each backend checks
+/// them where it reads them.)
+void check_window_attention(const char* ops, const WindowKvCache& cache, int layer, const clsa::TensorView& slots,
+                            const clsa::TensorView& starts, const clsa::TensorView& q, const clsa::TensorView& k,
+                            const clsa::TensorView& v, const clsa::TensorView& out, clsa::DType dtype,
+                            clsa::Device device);
 
 /// Rows [first, first + count) of a matrix view.
 clsa::TensorView rows_of(const clsa::TensorView& matrix, std::int64_t first, std::int64_t count);
