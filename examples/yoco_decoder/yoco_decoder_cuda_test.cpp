@@ -19,27 +19,12 @@
 #include "cuda_support.hpp"
 #include "decoder.hpp"
 #include "model.hpp"
+#include "test_checks.hpp"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-/// max |got - expected| / (1 + |expected|); NaN counts as infinitely wrong.
-double worst_error(const std::vector<float>& got, const std::vector<float>& expected) {
-  double worst = got.size() == expected.size() ? 0.0 : INFINITY;
-  for (std::size_t i = 0; i < std::min(got.size(), expected.size()); ++i) {
-    const double error = std::abs(static_cast<double>(got[i]) - expected[i]) / (1.0 + std::abs(expected[i]));
-    worst = std::isnan(error) ? INFINITY : std::max(worst, error);
-  }
-  return worst;
-}
+using yoco_test::expect;
+using yoco_test::worst_error;
 
 /// Random values that bf16 holds exactly (both backends then read the same inputs).
 std::vector<float> random_values(std::mt19937_64& rng, std::size_t count) {
@@ -320,10 +305,5 @@ int main() {
     std::printf("FAILED: error (%s): %s\n", clsa::error_code_name(error.code()), error.what());
     return 1;
   }
-  if (failures != 0) {
-    std::printf("%d expectation(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return yoco_test::exit_code();
 }

@@ -15,6 +15,7 @@
 #include "cpu_decoder_ops.hpp"
 #include "decoder.hpp"
 #include "model.hpp"
+#include "test_checks.hpp"
 
 // Counts allocations (malloc, calloc, realloc and aligned operator new: plain operator new, Eigen's
 // blocks and libclsa's vectors all come through malloc) while `counting` is set. glibc only, and
@@ -76,23 +77,8 @@ void operator delete(void* p, std::size_t, std::align_val_t) noexcept {
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-/// max |got - expected| / (1 + |expected|) over the elements.
-double worst_error(const std::vector<float>& got, const std::vector<double>& expected) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    worst = std::max(worst, std::abs(got[i] - expected[i]) / (1.0 + std::abs(expected[i])));
-  }
-  return worst;
-}
+using yoco_test::expect;
+using yoco_test::worst_error;
 
 std::vector<float> random_values(std::mt19937_64& rng, std::size_t count) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -347,10 +333,5 @@ int main() {
     std::printf("FAILED: error (%s): %s\n", clsa::error_code_name(error.code()), error.what());
     return 1;
   }
-  if (failures != 0) {
-    std::printf("%d expectation(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return yoco_test::exit_code();
 }
