@@ -101,7 +101,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
     typical.padded = padded;
     typical.chunk = 1024;
     const void* kernel = reinterpret_cast<const void*>(v.kernel);
-    const int resident = resident_blocks(kernel, v.threads, shared_bytes(typical, dim, v.groups_per_cta),
+    const int resident = resident_blocks(kernel, v.threads, shared_bytes(typical, v.acc_row_floats, v.groups_per_cta),
                                          "cudaOccupancyMaxActiveBlocksPerMultiprocessor (attention)");
     plan.slots[slot] = std::int64_t{resident} * multiprocessor_count();
     // Room for the partial results of the call with the most (rows x splits) of any batch size
@@ -109,7 +109,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
     std::size_t shared = 0;
     for (int rows = 1; rows <= max_rows; ++rows) {
       const SplitPlan splits = split_plan(plan, slot, rows);
-      shared = std::max(shared, shared_bytes(splits, dim, v.groups_per_cta));
+      shared = std::max(shared, shared_bytes(splits, v.acc_row_floats, v.groups_per_cta));
       if (splits.splits > 1) {
         partials = std::max(partials, static_cast<std::size_t>(rows) * static_cast<std::size_t>(splits.splits));
       }
@@ -145,7 +145,7 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const SplitPlan& splits = params.plan;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(args.kv_heads * splits.head_chunks),
                   static_cast<unsigned>(splits.splits));
-  const std::size_t shared = shared_bytes(splits, v.dim, v.groups_per_cta);
+  const std::size_t shared = shared_bytes(splits, v.acc_row_floats, v.groups_per_cta);
   if (routing.rows.kv != nullptr && routing.rows.positions != nullptr && v.block_kernel != nullptr) {
     launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
                   LaunchAttributes{}.persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),

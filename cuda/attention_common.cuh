@@ -62,8 +62,39 @@ __host__ __device__ inline std::size_t rows_bytes(const SplitPlan& plan) {
   return (static_cast<std::size_t>(plan.chunk) * sizeof(int2) + 15) / 16 * 16;
 }
 
-inline std::size_t shared_bytes(const SplitPlan& plan, int dim, int groups_per_cta) {
-  return rows_bytes(plan) + static_cast<std::size_t>(groups_per_cta) * plan.padded * (dim + 2) * sizeof(float);
+/// Where the partial accumulator of (group k, head g) at dimension d sits: row k * gp + g of
+/// kRowFloats floats. Plain rows (kSpread false) hold the D dimensions in order. Spread rows (the
+/// tensor-core kernel, whose lanes hold dims [D/8 * g', D/8 * (g' + 1)) of heads 2q and 2q + 1)
+/// hold eight blocks of D/8 dimensions with one float after each, and rows are kRowFloats apart so
+/// that the 32 lanes of every fragment store fall into 32 different banks.
+template <int D, bool kSpread>
+struct AccLayout {
+  static constexpr int kBlock = D / 8;
+  /// The first row stride >= 8 * (kBlock + 1) at which the fragment stores are conflict-free.
+  static constexpr int spread_row_floats() {
+    for (int stride = 8 * (kBlock + 1);; ++stride) {
+      bool free = true;
+      for (int mt = 0; mt < kBlock / 2 && free; ++mt) {
+        unsigned banks = 0;
+        for (int lane = 0; lane < 32; ++lane) {
+          const unsigned bank =
+              static_cast<unsigned>(2 * (lane % 4) * stride + (kBlock + 1) * (lane / 4) + 2 * mt) % 32;
+          free = free && (banks & (1u << bank)) == 0;
+          banks |= 1u << bank;
+        }
+      }
+      if (free) return stride;
+    }
+  }
+  static constexpr int kRowFloats = kSpread ? spread_row_floats() : D;
+  __host__ __device__ static constexpr int at(int row, int d) {
+    return kSpread ? row * kRowFloats + (d / kBlock) * (kBlock + 1) + d % kBlock : row * D + d;
+  }
+};
+
+/// `row_floats`: AccLayout::kRowFloats of the kernel's partial accumulators.
+inline std::size_t shared_bytes(const SplitPlan& plan, int row_floats, int groups_per_cta) {
+  return rows_bytes(plan) + static_cast<std::size_t>(groups_per_cta) * plan.padded * (row_floats + 2) * sizeof(float);
 }
 
 /// What a CTA's split covers: its query row and the number of its tokens; the tokens' (page, slot)
@@ -131,34 +162,48 @@ __device__ SplitWork split_rows(const Params& p, int2* rows) {
 /// the `gp` heads of the chunk to shared memory (and a barrier): the groups combined in index order
 /// (deterministic, graph replays included), then the output (one split) or the split's partial
 /// result and, by the last split to finish, the merge of all splits.
-template <class Elem, int D, int Threads>
+template <class Elem, int D, int Threads, bool kSpread>
 __device__ void combine_and_merge(const Params& p, unsigned char* shared, int groups, int gp, const SplitWork& work,
                                   int first_head, int heads_here) {
+  using Layout = AccLayout<D, kSpread>;
   const AttentionArgs& a = p.a;
   const SplitPlan& plan = p.plan;
-  const float* group_acc = reinterpret_cast<const float*>(shared + rows_bytes(plan));  // [groups][gp][D]
-  const float* group_max = group_acc + groups * gp * D;                                // [groups][gp]
-  const float* group_sum = group_max + groups * gp;                                    // [groups][gp]
+  float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [groups][gp] rows of Layout
+  float* group_max = group_acc + groups * gp * Layout::kRowFloats;         // [groups][gp]
+  const float* group_sum = group_max + groups * gp;                        // [groups][gp]
   __shared__ unsigned ticket;
+  __shared__ float head_max[kMaxGroup];
+  __shared__ float head_sum[kMaxGroup];
   const int tid = threadIdx.x;
   const int row = blockIdx.x;
   const int split = blockIdx.z;
   const int b = work.b;
   const int t = work.t;
   const int q_heads = a.q_heads;
-  for (int i = tid; i < heads_here * D; i += Threads) {
-    const int g = i / D;
-    const int d = i % D;
+  // Per head: the max over the groups, each group's weight (in place of its max) and the sum.
+  if (tid < heads_here) {
+    const int g = tid;
     float m = -INFINITY;
     for (int k = 0; k < groups; ++k) m = fmaxf(m, group_max[k * gp + g]);
     float l = 0.0f;
-    float o = 0.0f;
     for (int k = 0; k < groups; ++k) {
       const float km = group_max[k * gp + g];
       const float weight = km == -INFINITY ? 0.0f : __expf(km - m);
       l += group_sum[k * gp + g] * weight;
-      o += group_acc[(k * gp + g) * D + d] * weight;
+      group_max[k * gp + g] = weight;
     }
+    head_max[g] = m;
+    head_sum[g] = l;
+  }
+  __syncthreads();
+  const float* group_weight = group_max;
+  for (int i = tid; i < heads_here * D; i += Threads) {
+    const int g = i / D;
+    const int d = i % D;
+    const float m = head_max[g];
+    const float l = head_sum[g];
+    float o = 0.0f;
+    for (int k = 0; k < groups; ++k) o += group_acc[Layout::at(k * gp + g, d)] * group_weight[k * gp + g];
     const int head = first_head + g;
     if (plan.splits == 1) {
       Elem* out = static_cast<Elem*>(a.out) + b * a.out_stride_b + t * a.out_stride_t + head * a.out_stride_h;
@@ -232,6 +277,7 @@ struct Variant {
   int threads;
   int groups_per_cta;            // warps or lane groups whose partial results the CTA combines
   void (*block_kernel)(Params);  // the kernel that reads a routed K/V block, or nullptr (reads the pool)
+  int acc_row_floats;            // AccLayout::kRowFloats of its partial accumulators
 };
 
 /// The kernels of each family, one Variant per (dtype, head_dim, query heads per CTA) they serve.

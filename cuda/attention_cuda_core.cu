@@ -269,19 +269,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
   }
   __syncthreads();
 
-  combine_and_merge<Elem, D, kThreads>(p, shared, kGroupsPerCta, GP, work, first_head, heads_here);
+  combine_and_merge<Elem, D, kThreads, false>(p, shared, kGroupsPerCta, GP, work, first_head, heads_here);
 }
 
 template <class Elem, int D>
 void add_cuda_core_variants(std::vector<Variant>& variants, DType dtype) {
   variants.push_back(
-      {dtype, D, 1, attention_kernel<Elem, D, 1>, kThreads, kWarps * Shape<Elem, D, 1>::kGroups, nullptr});
+      {dtype, D, 1, attention_kernel<Elem, D, 1>, kThreads, kWarps * Shape<Elem, D, 1>::kGroups, nullptr, D});
   variants.push_back(
-      {dtype, D, 2, attention_kernel<Elem, D, 2>, kThreads, kWarps * Shape<Elem, D, 2>::kGroups, nullptr});
+      {dtype, D, 2, attention_kernel<Elem, D, 2>, kThreads, kWarps * Shape<Elem, D, 2>::kGroups, nullptr, D});
   variants.push_back(
-      {dtype, D, 4, attention_kernel<Elem, D, 4>, kThreads, kWarps * Shape<Elem, D, 4>::kGroups, nullptr});
+      {dtype, D, 4, attention_kernel<Elem, D, 4>, kThreads, kWarps * Shape<Elem, D, 4>::kGroups, nullptr, D});
   variants.push_back(
-      {dtype, D, 8, attention_kernel<Elem, D, 8>, kThreads, kWarps * Shape<Elem, D, 8>::kGroups, nullptr});
+      {dtype, D, 8, attention_kernel<Elem, D, 8>, kThreads, kWarps * Shape<Elem, D, 8>::kGroups, nullptr, D});
 }
 
 }  // namespace

@@ -43,10 +43,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
   const AttentionArgs& a = p.a;
   const SplitPlan& plan = p.plan;
   extern __shared__ __align__(16) unsigned char shared[];
-  const int gp = plan.padded;                                              // heads of a chunk (<= 8)
-  int2* rows = reinterpret_cast<int2*>(shared);                            // [chunk]: (page, slot), page -1 = skip
-  float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [warps][gp][D]
-  float* group_max = group_acc + kMmaWarps * gp * D;                       // [warps][gp]
+  const int gp = plan.padded;                    // heads of a chunk (<= 8)
+  int2* rows = reinterpret_cast<int2*>(shared);  // [chunk]: (page, slot), page -1 = skip
+  using Layout = AccLayout<D, true>;
+  float* group_acc = reinterpret_cast<float*>(shared + rows_bytes(plan));  // [warps][gp] rows of Layout
+  float* group_max = group_acc + kMmaWarps * gp * Layout::kRowFloats;      // [warps][gp]
   float* group_sum = group_max + kMmaWarps * gp;                           // [warps][gp]
 
   const int kv_head = blockIdx.y / plan.head_chunks;
@@ -221,12 +222,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int d = kDimsPerRow * g + 2 * mt;
     if (2 * q < heads_here) {
-      group_acc[(warp * gp + 2 * q) * D + d] = acc[mt][0];
-      group_acc[(warp * gp + 2 * q) * D + d + 1] = acc[mt][2];
+      group_acc[Layout::at(warp * gp + 2 * q, d)] = acc[mt][0];
+      group_acc[Layout::at(warp * gp + 2 * q, d + 1)] = acc[mt][2];
     }
     if (2 * q + 1 < heads_here) {
-      group_acc[(warp * gp + 2 * q + 1) * D + d] = acc[mt][1];
-      group_acc[(warp * gp + 2 * q + 1) * D + d + 1] = acc[mt][3];
+      group_acc[Layout::at(warp * gp + 2 * q + 1, d)] = acc[mt][1];
+      group_acc[Layout::at(warp * gp + 2 * q + 1, d + 1)] = acc[mt][3];
     }
   }
   if (q == 0 && g < heads_here) {
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p)
     group_sum[warp * gp + g] = running_sum;
   }
   __syncthreads();
-  combine_and_merge<Elem, D, kMmaThreads>(p, shared, kMmaWarps, gp, work, first_head, heads_here);
+  combine_and_merge<Elem, D, kMmaThreads, true>(p, shared, kMmaWarps, gp, work, first_head, heads_here);
 }
 
 /// One tensor-core kernel serves every chunk width (its heads are a run-time count).
@@ -242,7 +243,7 @@ template <class Elem, int D>
 void add_tensor_core_variants(std::vector<Variant>& variants, DType dtype) {
   for (int padded = 1; padded <= kMaxGroup; padded *= 2) {
     variants.push_back({dtype, D, padded, attention_kernel_mma<Elem, D, false>, kMmaThreads, kMmaWarps,
-                        attention_kernel_mma<Elem, D, true>});
+                        attention_kernel_mma<Elem, D, true>, AccLayout<D, true>::kRowFloats});
   }
 }
 
