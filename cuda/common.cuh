@@ -148,26 +148,6 @@ __device__ __forceinline__ uint4 load_vector(const void* address) {
   return __ldg(reinterpret_cast<const uint4*>(address));
 }
 
-/// Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): `valid` false fills the 16
-/// bytes with zeros and reads nothing. Copies issued by a thread complete in commit-group order;
-/// cp_async_wait<N>() returns once at most N of its groups are pending, and the completed copies
-/// are visible to that thread (other threads need a barrier).
-__device__ __forceinline__ unsigned shared_address(const void* pointer) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
-}
-__device__ __forceinline__ void cp_async_16(void* shared_destination, const void* global_source, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(shared_destination)),
-               "l"(global_source), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 __host__ __device__ __forceinline__ std::int64_t ceil_div(std::int64_t a, std::int64_t b) {
   return (a + b - 1) / b;
 }
