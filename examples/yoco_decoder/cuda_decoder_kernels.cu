@@ -145,10 +145,23 @@ __global__ void add_kernel(bf16_bits* x, std::int64_t x_stride, const bf16_bits*
   }
 }
 
-/// Positions of the window split `split` of a query row covers: [begin, begin + count).
-struct WindowSpan {
-  std::int64_t begin;
-  int count;
+/// Query row `row` = (b * tokens + t) * kv_heads + kv of the window attention: its sequence's ring
+/// slot and start, its position and the first position of its window. `valid` is false for an
+/// empty slot (or one outside the ring), which has nothing to do.
+struct WindowRow {
+  int b, t, kv, slot;
+  std::int64_t start, position, first;
+  bool valid;
+  __device__ WindowRow(const WindowAttentionArgs& a, std::int64_t row) {
+    kv = static_cast<int>(row % a.kv_heads);
+    t = static_cast<int>((row / a.kv_heads) % a.tokens);
+    b = static_cast<int>(row / a.kv_heads / a.tokens);
+    slot = a.slots[b];
+    start = a.starts[b];
+    valid = slot >= 0 && slot < a.cache_slots && start >= 0;
+    position = start + t;
+    first = position - a.window + 1 > 0 ? position - a.window + 1 : 0;
+  }
 };
 
 /// One block per (sequence, token, kv head, split): the group's query heads in shared memory
@@ -165,14 +178,10 @@ __global__ void __launch_bounds__(kWindowThreads) window_attention_kernel(const 
   const int D = a.head_dim;
   const std::int64_t row = blockIdx.x / a.splits;  // (b * tokens + t) * kv_heads + kv
   const int split = static_cast<int>(blockIdx.x % a.splits);
-  const int kv = static_cast<int>(row % a.kv_heads);
-  const int t = static_cast<int>((row / a.kv_heads) % a.tokens);
-  const int b = static_cast<int>(row / a.kv_heads / a.tokens);
-  const int slot = a.slots[b];
-  const std::int64_t start = a.starts[b];
-  if (slot < 0 || slot >= a.cache_slots || start < 0) return;
-  const std::int64_t position = start + t;
-  const std::int64_t first = position - a.window + 1 > 0 ? position - a.window + 1 : 0;
+  const WindowRow w(a, row);
+  if (!w.valid) return;
+  const int kv = w.kv, t = w.t, b = w.b, slot = w.slot;
+  const std::int64_t start = w.start, position = w.position, first = w.first;
   const std::int64_t begin = first + static_cast<std::int64_t>(split) * a.chunk;
   if (begin > position) return;  // the window of an early position is shorter: nothing to do
   const int count = static_cast<int>(position - begin + 1 < a.chunk ? position - begin + 1 : a.chunk);
@@ -288,15 +297,10 @@ __global__ void window_combine_kernel(const WindowAttentionArgs a) {
   const int group = a.q_heads / a.kv_heads;
   const int D = a.head_dim;
   const std::int64_t row = blockIdx.x;
-  const int kv = static_cast<int>(row % a.kv_heads);
-  const int t = static_cast<int>((row / a.kv_heads) % a.tokens);
-  const int b = static_cast<int>(row / a.kv_heads / a.tokens);
-  const int slot = a.slots[b];
-  const std::int64_t start = a.starts[b];
-  if (slot < 0 || slot >= a.cache_slots || start < 0) return;
-  const std::int64_t position = start + t;
-  const std::int64_t first = position - a.window + 1 > 0 ? position - a.window + 1 : 0;
-  const int used = static_cast<int>((position - first + a.chunk) / a.chunk);  // splits that hold positions
+  const WindowRow w(a, row);
+  if (!w.valid) return;
+  const int kv = w.kv, t = w.t, b = w.b;
+  const int used = static_cast<int>((w.position - w.first + a.chunk) / a.chunk);  // splits that hold positions
   const int stride = group * (D + 2);
   const float* results = a.partials + row * a.splits * stride;
   for (int d = static_cast<int>(threadIdx.x); d < D; d += blockDim.x) {

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -75,6 +74,20 @@ struct CudaDecoderOps::State {
     check_cuda(cudaEventRecord(slot.copied, stream), "cudaEventRecord (staging)");
     slot.pending = true;
   }
+  /// Uploads `count` values to `target` (contiguous, on the device) through the staging buffers,
+  /// chunk by chunk, each value stored as `convert(value)` of type Staged.
+  template <class Staged, class Source, class Convert>
+  void upload(void* target, const Source* values, std::int64_t count, Convert convert) {
+    const std::int64_t per_chunk = static_cast<std::int64_t>(kLargeStagingBytes / sizeof(Staged));
+    for (std::int64_t done = 0; done < count; done += per_chunk) {
+      const std::int64_t n = std::min(per_chunk, count - done);
+      const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(Staged);
+      Staging& slot = acquire(bytes);
+      auto* staged = static_cast<Staged*>(slot.host);
+      for (std::int64_t i = 0; i < n; ++i) staged[i] = convert(values[done + i]);
+      send(slot, static_cast<char*>(target) + static_cast<std::size_t>(done) * sizeof(Staged), bytes);
+    }
+  }
 };
 
 CudaDecoderOps::CudaDecoderOps(clsa::Stream stream, int device) : state_(std::make_unique<State>()) {
@@ -139,32 +152,13 @@ void CudaDecoderOps::forget_failed_allocation() {
 void CudaDecoderOps::upload(const clsa::TensorView& target, const float* values) {
   if (!target.is_contiguous()) fail(clsa::ErrorCode::shape_mismatch, "upload: target " + target.describe());
   check_operand(kOps, "upload", "target", target, target.rank(), clsa::DType::bf16, device());
-  State& s = *state_;
-  const std::int64_t count = target.numel();
-  const std::int64_t per_chunk = static_cast<std::int64_t>(kLargeStagingBytes / sizeof(clsa::bfloat16));
-  for (std::int64_t done = 0; done < count; done += per_chunk) {
-    const std::int64_t n = std::min(per_chunk, count - done);
-    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(clsa::bfloat16);
-    Staging& slot = s.acquire(bytes);
-    auto* staged = static_cast<clsa::bfloat16*>(slot.host);
-    for (std::int64_t i = 0; i < n; ++i) staged[i] = clsa::to_bfloat16(values[done + i]);
-    s.send(slot, bits(target) + done, bytes);
-  }
+  state_->upload<clsa::bfloat16>(target.data(), values, target.numel(), [](float x) { return clsa::to_bfloat16(x); });
 }
 
 void CudaDecoderOps::upload(const clsa::TensorView& target, const std::int32_t* values) {
   if (!target.is_contiguous()) fail(clsa::ErrorCode::shape_mismatch, "upload: target " + target.describe());
   check_operand(kOps, "upload", "target", target, target.rank(), clsa::DType::i32, device());
-  State& s = *state_;
-  const std::int64_t count = target.numel();
-  const std::int64_t per_chunk = static_cast<std::int64_t>(kLargeStagingBytes / sizeof(std::int32_t));
-  for (std::int64_t done = 0; done < count; done += per_chunk) {
-    const std::int64_t n = std::min(per_chunk, count - done);
-    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(std::int32_t);
-    Staging& slot = s.acquire(bytes);
-    std::memcpy(slot.host, values + done, bytes);
-    s.send(slot, target.data_as<std::int32_t>() + done, bytes);
-  }
+  state_->upload<std::int32_t>(target.data(), values, target.numel(), [](std::int32_t x) { return x; });
 }
 
 void CudaDecoderOps::download(const clsa::TensorView& source, float* values) {
