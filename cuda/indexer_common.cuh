@@ -22,16 +22,19 @@ constexpr int kSelectItems = 8;       // scores per thread and tile, in register
 constexpr int kSelectTile = kSelectThreads * kSelectItems;  // 8192 positions per CTA and pass
 constexpr int kMaxCluster = 16;                             // CTAs per row (a Hopper cluster)
 
-/// Workspace layout: the scores of every row (the select passes read them from L2).
+/// Workspace layout: the scores of every row (the select passes read them from L2), then every
+/// row's first radix histogram (kBins counts; SelectParams::histograms), zero between calls.
 struct Workspace {
   std::int64_t stride;  // scores row stride (positions)
-  std::size_t scores, end;
+  std::size_t scores, histograms, end;
 
   Workspace(int rows, std::int64_t max_length) {
     stride = ceil_div(std::max<std::int64_t>(max_length, 1), 64) * 64;
     scores = 0;
-    end = (static_cast<std::size_t>(rows) * static_cast<std::size_t>(stride) * 4 + 255) / 256 * 256;
+    histograms = aligned(scores + static_cast<std::size_t>(rows) * static_cast<std::size_t>(stride) * 4);
+    end = aligned(histograms + static_cast<std::size_t>(rows) * kBins * sizeof(unsigned));
   }
+  static std::size_t aligned(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 };
 
 struct SelectParams {
@@ -43,6 +46,11 @@ struct SelectParams {
   int element_bytes;   // of the cache's dtype
   std::int64_t stride;
   float* scores;  // [rows][stride]
+  // [rows][kBins]: the first radix level's histogram of each row's candidate scores (digit
+  // score_key >> 21), added up by the score pass and returned to zero by the select kernel; nullptr
+  // when the score pass does not build them this call (several query rows per score CTA, or f32
+  // keys): the select kernel then builds level 0 itself.
+  unsigned* histograms;
 };
 
 /// Length of sequence b as the plan sees it: one longer than the plan's max_length counts as
@@ -66,6 +74,26 @@ struct RowPlan {
     selects = visible > a.routing.rows.top_k && needed > 0;
   }
 };
+
+/// Digit of `key` at radix level `level`: bits 31..21, 20..10, 9..0 (the select kernel's levels;
+/// the score pass counts level 0's).
+__device__ __forceinline__ int level_digit(unsigned key, int level) {
+  return level == 0   ? static_cast<int>(key >> 21)
+         : level == 1 ? static_cast<int>((key >> 10) & 0x7ffu)
+                      : static_cast<int>(key & 0x3ffu);
+}
+
+/// Adds 1 to hist[bin] for every lane with `take`; lanes of the warp with the same bin add once
+/// (score keys crowd into few bins: plain shared atomics would serialise on them). Warp-collective:
+/// every lane of the warp calls it.
+__device__ __forceinline__ void add_to_histogram(unsigned* hist, int bin, bool take) {
+  const unsigned active = __ballot_sync(kFullMask, take);
+  if (!take) return;
+  const unsigned same = __match_any_sync(active, bin);
+  if (static_cast<int>(threadIdx.x % 32) == __ffs(static_cast<int>(same)) - 1) {
+    atomicAdd(&hist[bin], static_cast<unsigned>(__popc(same)));
+  }
+}
 
 __device__ __forceinline__ float relu_keep_nan(float x) {
   return x < 0.0f ? 0.0f : x;

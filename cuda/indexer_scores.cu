@@ -3,7 +3,10 @@
 //
 //   score_kernel   grid (token tiles of the planned max_length, sequences, row blocks): reads every
 //                  visible indexer key once (16-byte loads), mma.sync m16n8k16 with the queries'
-//                  heads as M, and writes the f32 scores of its tile.
+//                  heads as M, and writes the f32 scores of its tile. With one query row per CTA
+//                  (16-bit keys) it also counts the first radix digit of its tile's candidate
+//                  scores into the row's histogram in the workspace, so the select kernel starts
+//                  at level 1.
 //   select_kernel  (indexer_select.cu) a thread-block cluster per query row: radix select over the
 //                  scores in L2, the routed set in ascending order, then the optional K/V gather.
 #include <algorithm>
@@ -38,6 +41,47 @@ struct ScoreBlock {
     rows = min(p.a.tokens, t_begin + p.rows_per_block) - t_begin;
     length = planned_length(p.a, b);
     tile_begin = blockIdx.x * kScoreTile;
+  }
+};
+
+/// The score pass's share of the select kernel's first radix level (SelectParams::histograms, one
+/// query row per CTA): the level-0 digit of every score this CTA writes at a candidate position of
+/// its row, [sink_end, window_begin) of the same RowPlan the select kernel uses, counted in shared
+/// memory and added to the row's histogram at the end. `on` is false (uniform over the CTA) when
+/// there is nothing to count: no histograms this call, a row that does not select, or a tile
+/// without candidates.
+struct FirstLevelCounts {
+  unsigned* bins;  // kBins counts in the CTA's shared memory (allocated only where histograms are built)
+  int lo, hi;      // the row's candidate positions
+  bool on;
+
+  /// Zeroes the bins when on (a __syncthreads() must follow before the first add()).
+  __device__ FirstLevelCounts(const SelectParams& p, int b, int t, int tile_begin, unsigned* shared_bins) {
+    bins = shared_bins;
+    lo = hi = 0;
+    on = false;
+    if (p.histograms == nullptr || p.rows_per_block != 1) return;
+    const RowPlan plan(p.a, b, t);
+    if (!plan.selects || tile_begin >= plan.window_begin || tile_begin + kScoreTile <= plan.sink_end) return;
+    on = true;
+    lo = plan.sink_end;
+    hi = plan.window_begin;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) bins[i] = 0;
+  }
+  /// Counts `score` where `mine` (this lane stored it at `position`) and the position is a
+  /// candidate. Warp-collective; only when on.
+  __device__ void add(float score, int position, bool mine) const {
+    add_to_histogram(bins, level_digit(score_key(score), 0), mine && position >= lo && position < hi);
+  }
+  /// Adds the CTA's nonzero counts to row (b, t)'s histogram, after every add() of the CTA.
+  __device__ void flush(const SelectParams& p, int b, int t) const {
+    if (!on) return;  // uniform over the CTA
+    __syncthreads();
+    unsigned* global = p.histograms + (std::int64_t{b} * p.a.tokens + t) * kBins;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+      const unsigned count = bins[i];
+      if (count != 0) atomicAdd(&global[i], count);
+    }
   }
 };
 
@@ -87,6 +131,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
 
   Elem* queries = reinterpret_cast<Elem*>(shared);  // [block_rows * padded][kRowElems]
   float* weights = reinterpret_cast<float*>(queries + static_cast<std::size_t>(p.rows_per_block) * padded * kRowElems);
+  unsigned* const bins = reinterpret_cast<unsigned*>(weights + static_cast<std::size_t>(p.rows_per_block) * padded);
+  const FirstLevelCounts counts(p, b, t_begin, tile_begin, bins);
   for (int i = threadIdx.x; i < block_rows * padded * (DIM / 8); i += blockDim.x) {
     const int r = i / (DIM / 8);
     const int v = i % (DIM / 8);
@@ -156,18 +202,21 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
           }
         }
       }
-      if (group == 0) {
-        const std::int64_t row = std::int64_t{b} * a.tokens + t_begin + r;
-        float* out = p.scores + row * p.stride;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int position = warp_begin + n0 + half * 8 + quad * 2;
-          if (position < length) out[position] = a.scale * total[half][0];
-          if (position + 1 < length) out[position + 1] = a.scale * total[half][1];
-        }
-      }
+      // Every group of a quad holds the same totals, bit for bit (each shuffle step above adds
+      // the same two values in both lanes of a pair), so groups 0..3 store the step's 16
+      // positions, one each: group g the n-tile g / 2 and column g % 2. The first level counts
+      // exactly the value each lane stores (r is 0 then).
+      const int half = (group >> 1) & 1;
+      const int col = group & 1;
+      const float sum = half == 0 ? (col == 0 ? total[0][0] : total[0][1]) : (col == 0 ? total[1][0] : total[1][1]);
+      const float value = a.scale * sum;
+      const int position = warp_begin + n0 + half * 8 + quad * 2 + col;
+      const bool mine = group < 4 && position < length;
+      if (mine) p.scores[(std::int64_t{b} * a.tokens + t_begin + r) * p.stride + position] = value;
+      if (counts.on) counts.add(value, position, mine);
     }
   }
+  counts.flush(p, b, t_begin);
 }
 
 /// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
@@ -246,13 +295,26 @@ int score_variant(DType dtype, int dim) {
   return -1;
 }
 
-/// Shared memory of one query row in the score kernel, and the rows a CTA stages for T tokens.
+/// Shared memory of one query row in the score kernel (its queries and head weights), and the rows
+/// a CTA stages for T tokens.
 std::size_t query_row_bytes(DType dtype, int heads, int dim) {
   if (dtype == DType::f32) return static_cast<std::size_t>(heads) * (dim + 1) * 4;
   return static_cast<std::size_t>(ceil_div(heads, 16) * 16) * ((dim + 32) * 2 + 4);
 }
 int rows_per_block(std::size_t row_bytes, int tokens) {
   return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(tokens, kQueryBudget / row_bytes)));
+}
+
+/// Whether the score pass builds the first radix level's row histograms (FirstLevelCounts): with
+/// one query row per CTA, in the tensor-core kernel (the f32 one leaves level 0 to the select).
+bool builds_histograms(DType dtype, int rows_per_block) {
+  return dtype != DType::f32 && rows_per_block == 1;
+}
+
+/// Shared memory of a score CTA: its rows' queries and weights, then the first level's bins.
+std::size_t score_shared_bytes(DType dtype, std::size_t row_bytes, int rows_per_block) {
+  return row_bytes * static_cast<std::size_t>(rows_per_block) +
+         (builds_histograms(dtype, rows_per_block) ? kBins * sizeof(unsigned) : 0);
 }
 
 }  // namespace
@@ -285,9 +347,12 @@ IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_len
   plan.cluster = plan_select_cluster(max_length);
   for (const ScoreVariant& v : kScoreVariants) {
     if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
+    // A call of T <= max_tokens tokens stages rows_per_block(row_bytes, T) rows: from 1 (with the
+    // first level's bins) to the plan's most.
     const std::size_t row_bytes = query_row_bytes(v.dtype, heads, dim);
-    allow_shared_memory(reinterpret_cast<const void*>(v.kernel), row_bytes * rows_per_block(row_bytes, max_tokens),
-                        "cudaFuncSetAttribute (indexer scores)");
+    const std::size_t most = std::max(score_shared_bytes(v.dtype, row_bytes, 1),
+                                      score_shared_bytes(v.dtype, row_bytes, rows_per_block(row_bytes, max_tokens)));
+    allow_shared_memory(reinterpret_cast<const void*>(v.kernel), most, "cudaFuncSetAttribute (indexer scores)");
   }
   return plan;
 }
@@ -314,7 +379,10 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
   p.padded_heads = dtype == DType::f32 ? args.heads : static_cast<int>(ceil_div(args.heads, 16) * 16);
   const std::size_t row_bytes = query_row_bytes(dtype, args.heads, args.dim);
   p.rows_per_block = rows_per_block(row_bytes, args.tokens);
-  const std::size_t shared = row_bytes * p.rows_per_block;
+  // The select kernel reads level 0 from these when the score pass builds them, else builds it.
+  p.histograms =
+      builds_histograms(dtype, p.rows_per_block) ? reinterpret_cast<unsigned*>(base + w.histograms) : nullptr;
+  const std::size_t shared = score_shared_bytes(dtype, row_bytes, p.rows_per_block);
   // Launch sizes come from the plan (max_length), never from the lengths of the moment.
   const dim3 grid(static_cast<unsigned>(ceil_div(plan.max_length, kScoreTile)),
                   static_cast<unsigned>(args.num_sequences),

@@ -6,10 +6,13 @@
 //                  order-preserving score key) find the k-th largest key: each level builds a
 //                  shared-memory histogram per CTA, the cluster sums them through distributed
 //                  shared memory (each CTA owns a slice of the bins), and every CTA finds the same
-//                  threshold bin. Keys above the threshold are routed, and of the keys equal to it
-//                  the lowest positions (the tie rule). One scan over the cluster places every
-//                  routed position, so the row comes out in ascending order with no sort. Sinks,
-//                  window, counts, -1 padding and the pool slots are written by the same kernel.
+//                  threshold bin. Where the score pass built the row's level-0 histogram in the
+//                  workspace (one query row per score CTA), level 0 reads it instead (and the
+//                  kernel zeroes it for the next call). Keys above the threshold are routed, and of
+//                  the keys equal to it the lowest positions (the tie rule). One scan over the
+//                  cluster places every routed position, so the row comes out in ascending order
+//                  with no sort. Sinks, window, counts, -1 padding and the pool slots are written
+//                  by the same kernel.
 //   gather_kernel  (when the caller asked for RoutingIndex::kv) copies every routed token's K and
 //                  V rows into the compact block [rows][2][kv_heads][top_k][dim]: one pass over
 //                  the pool per step, after which every layer reads its K/V contiguously.
@@ -38,24 +41,6 @@ constexpr int kGatherThreads = 256;
 /// Bits of the score key known after radix level `level` (11, 22, 32).
 __device__ __forceinline__ int known_bits(int level) {
   return level == 0 ? 11 : level == 1 ? 22 : 32;
-}
-
-/// Digit of `key` at radix level `level`: bits 31..21, 20..10, 9..0.
-__device__ __forceinline__ int level_digit(unsigned key, int level) {
-  return level == 0   ? static_cast<int>(key >> 21)
-         : level == 1 ? static_cast<int>((key >> 10) & 0x7ffu)
-                      : static_cast<int>(key & 0x3ffu);
-}
-
-/// Adds 1 to hist[bin] for every lane with `take`; lanes of the warp with the same bin add once
-/// (score keys crowd into few bins: plain shared atomics would serialise on them).
-__device__ __forceinline__ void add_to_histogram(unsigned* hist, int bin, bool take) {
-  const unsigned active = __ballot_sync(kFullMask, take);
-  if (!take) return;
-  const unsigned same = __match_any_sync(active, bin);
-  if (static_cast<int>(threadIdx.x % 32) == __ffs(static_cast<int>(same)) - 1) {
-    atomicAdd(&hist[bin], static_cast<unsigned>(__popc(same)));
-  }
 }
 
 /// The row's CTAs as one group: on sm_90 a thread-block cluster of SelectParams::cluster CTAs
@@ -109,11 +94,11 @@ struct SelectShared {
   int peer_totals[kMaxCluster][2];
 };
 
-/// The threshold bin of the row's histogram of `level` (every CTA's `reduced` slice, descending from
-/// the top bin): where the running count reaches `needed`. All threads get bin, above and in-bin
-/// counts.
-__device__ void find_threshold(SelectShared& sh, const RowGroup& group, int level, int needed, int* bin, int* above,
-                               int* in_bin) {
+/// The threshold bin of the row's histogram of `level` (every CTA's `reduced` slice, or the score
+/// pass's `row_histogram` in global memory where not nullptr; descending from the top bin): where
+/// the running count reaches `needed`. All threads get bin, above and in-bin counts.
+__device__ void find_threshold(SelectShared& sh, const RowGroup& group, int level, const unsigned* row_histogram,
+                               int needed, int* bin, int* above, int* in_bin) {
   constexpr int kPerThread = kBins / kSelectThreads;
   const int bins_per_owner = kBins / group.size;
   int counts[kPerThread];  // bins in descending order: thread 0 holds the top ones
@@ -121,7 +106,9 @@ __device__ void find_threshold(SelectShared& sh, const RowGroup& group, int leve
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int b = kBins - 1 - (static_cast<int>(threadIdx.x) * kPerThread + i);
-    counts[i] = static_cast<int>(*group.peer(&sh.reduced[level][b], b / bins_per_owner));
+    // The score pass's counts through L2 only (atomics of the grid before; never a stale L1 line).
+    counts[i] = static_cast<int>(row_histogram != nullptr ? __ldcg(row_histogram + b)
+                                                          : *group.peer(&sh.reduced[level][b], b / bins_per_owner));
     local += counts[i];
   }
   if (threadIdx.x == 0) {
@@ -279,45 +266,60 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   // histogram's nonzero bins into the owners' slices of the level's row histogram (remote atomics:
   // the keys crowd into few bins), so one cluster barrier per level completes the row's histogram;
   // every level has its own `reduced` (zeroed here, before the first barrier), so none is reused
-  // while a peer may still read it.
+  // while a peer may still read it. With the score pass's histogram (`row_histogram`), level 0
+  // reads that instead: no histogram, remote adds or barrier of its own.
+  //
+  // Cluster barriers, the same sequence in every CTA of the row (every condition below is uniform
+  // over it): arrive after the zeroing; wait before the first remote adds (level 0, or level 1
+  // with the score pass's histogram), or after the levels if the search ended at level 0 without
+  // any; one sync per level with remote adds; the sync that publishes the totals; the final sync.
+  unsigned* const row_histogram = p.histograms != nullptr ? p.histograms + row * kBins : nullptr;
   for (int i = threadIdx.x; i < kBins; i += kSelectThreads) {
     sh.hist[i] = 0;
 #pragma unroll
     for (int level = 0; level < kLevels; ++level) sh.reduced[level][i] = 0;
   }
-  __syncthreads();  // this CTA's histogram is zeroed
-  group.arrive();   // and its `reduced`: the first level's remote adds wait for every CTA's
+  __syncthreads();    // this CTA's histogram is zeroed
+  group.arrive();     // and its `reduced`: the first remote adds wait for every CTA's
+  bool waits = true;  // that arrive's wait is still to come
   const int bins_per_owner = kBins / group.size;
   unsigned prefix = 0;
   int known = 0;
   int remaining = plan.needed;
   for (int level = 0; level < kLevels; ++level) {
-    for (int index = 0; index < tiles; ++index) {
-      load_tile(index);
+    const bool scored = level == 0 && row_histogram != nullptr;  // the row's histogram is the score pass's
+    if (!scored) {
+      for (int index = 0; index < tiles; ++index) {
+        load_tile(index);
 #pragma unroll
-      for (int i = 0; i < kSelectItems; ++i) {
-        const unsigned key = tile.keys[i];
-        const bool in_bin = ((tile.valid >> i) & 1u) != 0 && (known == 0 || (key >> (32 - known)) == prefix);
-        add_to_histogram(sh.hist, level_digit(key, level), in_bin);
+        for (int i = 0; i < kSelectItems; ++i) {
+          const unsigned key = tile.keys[i];
+          const bool in_bin = ((tile.valid >> i) & 1u) != 0 && (known == 0 || (key >> (32 - known)) == prefix);
+          add_to_histogram(sh.hist, level_digit(key, level), in_bin);
+        }
       }
-    }
-    __syncthreads();               // this CTA's histogram is complete
-    if (level == 0) group.wait();  // every CTA's `reduced` is zeroed
+      __syncthreads();  // this CTA's histogram is complete
+      if (waits) {      // every CTA's `reduced` is zeroed
+        group.wait();
+        waits = false;
+      }
 #pragma unroll
-    for (int k = 0; k < kReduceLoads; ++k) {
-      const int bin = static_cast<int>(threadIdx.x) + k * kSelectThreads;
-      const unsigned count = sh.hist[bin];
-      sh.hist[bin] = 0;  // ready for the next level (only this thread reads or writes it until then)
-      if (count != 0) atomicAdd(group.peer(&sh.reduced[level][bin], bin / bins_per_owner), count);
+      for (int k = 0; k < kReduceLoads; ++k) {
+        const int bin = static_cast<int>(threadIdx.x) + k * kSelectThreads;
+        const unsigned count = sh.hist[bin];
+        sh.hist[bin] = 0;  // ready for the next level (only this thread reads or writes it until then)
+        if (count != 0) atomicAdd(group.peer(&sh.reduced[level][bin], bin / bins_per_owner), count);
+      }
+      group.sync();  // the row's histogram of this level is complete in its owners' slices
     }
-    group.sync();  // the row's histogram of this level is complete in its owners' slices
     int bin = 0, above = 0, in_bin = 0;
-    find_threshold(sh, group, level, remaining, &bin, &above, &in_bin);
+    find_threshold(sh, group, level, scored ? row_histogram : nullptr, remaining, &bin, &above, &in_bin);
     remaining -= above;
     prefix = (prefix << (level == 2 ? 10 : 11)) | static_cast<unsigned>(bin);
     known = known_bits(level);
     if (in_bin == remaining) break;  // the whole bin is routed: no need to look closer (uniform)
   }
+  if (waits) group.wait();  // the search ended at level 0 with the score pass's histogram: no remote adds
   // Routed: keys whose top `known` bits exceed `prefix`, and the first `remaining` (in position
   // order) of those equal to it.
   auto classify = [&](int i, bool* over, bool* tie) {
@@ -355,7 +357,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     sh.totals[0] = tile_totals[0];
     sh.totals[1] = tile_totals[1];
   }
-  group.sync();  // every CTA's totals are published
+  group.sync();  // every CTA's totals are published, and every CTA has read the score pass's histogram
+  if (row_histogram != nullptr) {
+    // Zero for the next call (the workspace invariant): each CTA its slice of the bins, whatever
+    // its chunk held (tiles may be 0). Ordered after every CTA's level-0 reads by the sync above.
+    for (int i = static_cast<int>(threadIdx.x); i < bins_per_owner; i += kSelectThreads) {
+      row_histogram[group.rank * bins_per_owner + i] = 0;
+    }
+  }
   if (static_cast<int>(threadIdx.x) < group.rank) {
     const int* peer = group.peer(sh.totals, static_cast<int>(threadIdx.x));
     sh.peer_totals[threadIdx.x][0] = peer[0];

@@ -8,8 +8,8 @@
 // in a CUDA graph stays valid while the contexts grow (up to the planned length).
 //
 // The workspace invariant (the one place it is stated): the counters in a plan's workspace (the
-// attention's split tickets; the indexer keeps its histograms in shared memory) are zero between
-// calls. The component zeroes the whole workspace when it adopts a plan (reserve, set_workspace,
+// attention's split tickets; the indexer's first-level row histograms, which the score pass fills
+// and the select kernel empties) are zero between calls. The component zeroes the whole workspace when it adopts a plan (reserve, set_workspace,
 // or an automatic plan for an unreserved component); every kernel that raises a counter returns
 // it to zero before the call ends, for every row it touched. The layout never moves while the
 // plan holds, so no call depends on what an earlier call of another batch size left behind.

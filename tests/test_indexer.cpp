@@ -55,8 +55,11 @@ IndexerInputs make_inputs(const test::CacheFixture& fixture, const IndexerConfig
   return inputs;
 }
 
+/// One select() of `tokens` query tokens per sequence, checked for the index's shape, order, -1
+/// padding and pool slots; with calls > 1 the same indexer selects again on the same inputs (its
+/// workspace reused), each time the same index.
 IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config, int tokens, test::Rng& rng,
-                       QueryValues values, clsa::Backend backend, DType weights_dtype = DType::f32) {
+                       QueryValues values, clsa::Backend backend, DType weights_dtype = DType::f32, int calls = 1) {
   const std::int64_t sequences = static_cast<std::int64_t>(fixture.ids.size());
   IndexerInputs inputs = make_inputs(fixture, config, tokens, rng, values, backend, weights_dtype);
   IndexerRun run;
@@ -72,6 +75,13 @@ IndexerRun run_indexer(test::CacheFixture& fixture, const IndexerConfig& config,
   const std::vector<std::int32_t> counts = test::read_ints(routing.counts);
   REQUIRE(routing.slots.defined());
   const std::vector<std::int32_t> slots = test::read_ints(routing.slots);
+  for (int call = 1; call < calls; ++call) {
+    INFO("call " << call);
+    const clsa::RoutingIndex again = indexer.select(batch, inputs.q_tensor, inputs.w_tensor);
+    REQUIRE(test::read_ints(again.positions) == positions);
+    REQUIRE(test::read_ints(again.counts) == counts);
+    REQUIRE(test::read_ints(again.slots) == slots);
+  }
   const int page_size = fixture.config.page_size;
   for (std::int64_t row = 0; row < sequences * tokens; ++row) {
     const std::int32_t count = counts[static_cast<std::size_t>(row)];
@@ -466,6 +476,44 @@ TEST_CASE("CUDA and CPU indexers route the same set over long rows (clusters, se
     INFO("row " << row);
     REQUIRE(on_cuda.routed[row].size() == on_cpu.routed[row].size());
     REQUIRE(on_cpu.routed[row] == on_cuda.routed[row]);
+  }
+}
+
+TEST_CASE("CUDA decode rows (first radix level from the score pass) route the CPU's set, call after call",
+          "[indexer][cuda]") {
+  CLSA_SKIP_WITHOUT_GPU();
+  const std::uint64_t seed = test::base_seed() + 19;
+  // One query token and few heads: one query row per score CTA in both 16-bit kernels, so the score
+  // pass builds each row's first histogram and the select kernel starts at level 1. The long rows
+  // put every row on a cluster with several tiles per CTA; short rows that route everything (no
+  // histogram), barely select, or leave most CTAs of their cluster without candidates ride in the
+  // same launch. Repeated calls find the histograms zero again.
+  struct Case {
+    IndexerConfig config;
+    std::vector<std::int64_t> lengths;
+  };
+  const Case cases[] = {{indexer_config(4, 64, 2048, 4, 64), {150000, 70001, 2100, 2048, 300, 9000}},
+                        {indexer_config(4, 64, 40, 2, 6), {150000, 41, 40, 100, 3000}}};
+  const int tokens = 1;
+  for (const Case& c : cases) {
+    for (const DType dtype : {DType::bf16, DType::f16}) {
+      INFO("top_k " << c.config.top_k << " dtype " << clsa::dtype_name(dtype));
+      clsa::CacheConfig cache = cache_config_for(c.config, dtype, 64);
+      cache.max_pages = test::pages_for(c.lengths, cache.page_size);
+      test::Rng cpu_rng(seed), cuda_rng(seed);
+      // Small integers: exact scores on both backends, with plateaus of equal (and zero) scores.
+      test::CacheFixture cpu_fixture(cache, clsa::Backend::cpu, c.lengths, cpu_rng, test::Values::small_integers);
+      test::CacheFixture cuda_fixture(cache, clsa::Backend::cuda, c.lengths, cuda_rng, test::Values::small_integers);
+      const IndexerRun on_cpu =
+          run_indexer(cpu_fixture, c.config, tokens, cpu_rng, QueryValues::small_integers, clsa::Backend::cpu);
+      const IndexerRun on_cuda = run_indexer(cuda_fixture, c.config, tokens, cuda_rng, QueryValues::small_integers,
+                                             clsa::Backend::cuda, DType::f32, 3);
+      REQUIRE(on_cpu.q == on_cuda.q);
+      for (std::size_t row = 0; row < on_cpu.routed.size(); ++row) {
+        INFO("row " << row);
+        REQUIRE(on_cpu.routed[row] == on_cuda.routed[row]);
+      }
+    }
   }
 }
 
