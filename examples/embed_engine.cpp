@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "clsa/clsa.hpp"
+#include "clsa/paged_view.hpp"
 #include "cuda_support.hpp"
 #include "engine_support.hpp"
 
@@ -397,11 +398,14 @@ int main(int argc, char** argv) {
       auto fail = [&](const std::string& what) {
         if (failures++ < 10) std::fprintf(stderr, "embed_engine: step %d: %s\n", step, what.c_str());
       };
+      // The counts on the host, addressed through the routing view with the index's own strides.
       lane.download(counts.data(), routing.counts.data(), static_cast<std::size_t>(rows) * sizeof(std::int32_t));
+      clsa::RoutingRows host_rows = clsa::RoutingRows::of(routing);
+      host_rows.counts = counts.data();
       for (int b = 0; b < slots; ++b) {
         for (int t = 0; t < tokens; ++t) {
           const int visible = b < count ? active[static_cast<std::size_t>(b)].length - tokens + t + 1 : 0;
-          const std::int32_t got = counts[static_cast<std::size_t>(b * tokens + t)];
+          const std::int32_t got = host_rows.count(b, t);
           if (got != std::min(visible, kTopK)) {
             fail("slot " + std::to_string(b) + " token " + std::to_string(t) + " routed " + std::to_string(got) +
                  " positions; expected " + std::to_string(std::min(visible, kTopK)));

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "clsa/paged_view.hpp"
 #include "cuda_support.hpp"
 #include "program.hpp"
 
@@ -460,7 +461,7 @@ int run_demo(const DemoOptions& options) {
     bucket.dense_out.download(lane);
     const std::int64_t top_k = bucket.routing.positions.size(2);
     routed.resize(static_cast<std::size_t>(top_k));
-    lane.download(routed.data(), bucket.routing.positions.data_as<std::int32_t>() + slot * top_k,
+    lane.download(routed.data(), clsa::RoutingRows::of(bucket.routing).row_positions(slot, 0),
                   routed.size() * sizeof(std::int32_t));
     const bool needle_routed =
         std::find(routed.begin(), routed.end(), static_cast<std::int32_t>(needle)) != routed.end();
@@ -473,7 +474,7 @@ int run_demo(const DemoOptions& options) {
       const clsa::RoutingIndex expected =
           reference_indexer->select(reference_batch, bucket.q_index.device, bucket.weights, lane.stream());
       reference_routed.resize(static_cast<std::size_t>(top_k));
-      lane.download(reference_routed.data(), expected.positions.data_as<std::int32_t>() + slot * top_k,
+      lane.download(reference_routed.data(), clsa::RoutingRows::of(expected).row_positions(slot, 0),
                     reference_routed.size() * sizeof(std::int32_t));
       std::vector<std::int32_t> mine, theirs;
       for (std::int32_t p : routed) {
