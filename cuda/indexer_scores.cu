@@ -389,7 +389,16 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
                   static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
   kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
   detail::cuda_check_launch("indexer score_kernel");
-  launch_select(p, rows, plan.dependent_launch, stream);
+  try {
+    launch_select(p, rows, plan.dependent_launch, stream);
+  } catch (...) {
+    // The select kernel consumes (and zeroes) the score pass's level-0 counts: where its launch
+    // failed, zero them after the score pass so that the next call starts from zero as well.
+    if (p.histograms != nullptr) {
+      (void)cudaMemsetAsync(p.histograms, 0, static_cast<std::size_t>(rows) * kBins * sizeof(unsigned), stream);
+    }
+    throw;
+  }
 }
 
 }  // namespace cuda_kernels
