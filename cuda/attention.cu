@@ -69,7 +69,7 @@ bool attention_supports(int dim) {
   return false;
 }
 
-AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim) {
+AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim, bool enable_pdl) {
   const int group = q_heads / kv_heads;
   const int padded = next_power_of_two(std::min(group, kMaxGroup));
   const std::int64_t head_chunks = ceil_div(group, padded);
@@ -83,6 +83,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
   plan.q_heads = q_heads;
   plan.kv_heads = kv_heads;
   plan.dim = dim;
+  plan.dependent_launch = enable_pdl;
   std::size_t partials = 0;
   const DType dtypes[3] = {DType::f32, DType::f16, DType::bf16};
   for (int slot = 0; slot < 3; ++slot) {
@@ -101,6 +102,7 @@ AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int k
     typical.padded = padded;
     typical.chunk = 1024;
     const void* kernel = reinterpret_cast<const void*>(v.kernel);
+    plan.dependent_launch = plan.dependent_launch && dependent_launch_ready(kernel);
     const int resident = resident_blocks(kernel, v.threads, shared_bytes(typical, v.acc_row_floats, v.groups_per_cta),
                                          "cudaOccupancyMaxActiveBlocksPerMultiprocessor (attention)");
     plan.slots[slot] = std::int64_t{resident} * multiprocessor_count();
@@ -148,12 +150,14 @@ void attention(const AttentionArgs& args, const AttentionPlan& plan, void* works
   const std::size_t shared = shared_bytes(splits, v.acc_row_floats, v.groups_per_cta);
   if (routing.rows.kv != nullptr && routing.rows.positions != nullptr && v.block_kernel != nullptr) {
     launch_kernel(v.block_kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
-                  LaunchAttributes{}.persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
+                  LaunchAttributes{}
+                      .dependent(plan.dependent_launch)
+                      .persisting(routing.rows.kv, routing.kv_bytes, routing.kv_l2_hit_ratio),
                   "attention_kernel (block)", params);
     return;
   }
-  v.kernel<<<grid, v.threads, shared, stream>>>(params);
-  detail::cuda_check_launch("attention_kernel");
+  launch_kernel(v.kernel, grid, dim3(static_cast<unsigned>(v.threads)), shared, stream,
+                LaunchAttributes{}.dependent(plan.dependent_launch), "attention_kernel", params);
 }
 
 }  // namespace cuda_kernels

@@ -47,6 +47,7 @@ __device__ __forceinline__ float butterfly_sum(float (&values)[Lanes], int lane_
 
 template <class Elem, int D, int GP>
 __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
+  wait_for_predecessor();  // launched as a programmatic dependent (AttentionConfig::enable_pdl): nothing read before
   using S = Shape<Elem, D, GP>;
   const AttentionArgs& a = p.a;
   const SplitPlan& plan = p.plan;

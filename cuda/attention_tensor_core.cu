@@ -34,6 +34,7 @@ namespace {
 template <class Elem, int D, bool kBlock>
 __global__ void __launch_bounds__(kMmaThreads, 2) attention_kernel_mma(Params p) {
   static_assert(D == 64 || D == 128, "the tensor-core kernel takes head_dim 64 or 128");
+  wait_for_predecessor();  // launched as a programmatic dependent (AttentionConfig::enable_pdl): nothing read before
   constexpr int kKVectors = D / 32;         // 16-byte K loads per lane and token (and Q)
   constexpr int kDimsPerRow = D / 8;        // E: output dims per lane row g
   constexpr int kVVectors = D / 64;         // 16-byte V loads per lane and token

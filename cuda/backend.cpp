@@ -308,7 +308,8 @@ class CudaBackend final : public ComputeBackend {
   std::unique_ptr<Plan> plan_indexer(const IndexerConfig& config, const Bounds& bounds) const override {
     auto plan = std::make_unique<IndexerPlanCuda>();
     plan->kernels =
-        cuda_kernels::plan_indexer(bounds.sequences, bounds.tokens, bounds.span, config.num_heads, config.index_dim);
+        cuda_kernels::plan_indexer(bounds.sequences, bounds.tokens, bounds.span, config.num_heads, config.index_dim,
+                                   config.enable_pdl);
     plan->workspace_bytes = plan->kernels.bytes;
     return plan;
   }
@@ -354,7 +355,7 @@ class CudaBackend final : public ComputeBackend {
   std::unique_ptr<Plan> plan_attention(const AttentionConfig& config, const Bounds& bounds) const override {
     auto plan = std::make_unique<AttentionPlanCuda>();
     plan->kernels = cuda_kernels::plan_attention(bounds.sequences * bounds.tokens, bounds.span, config.num_q_heads,
-                                                 config.num_kv_heads, config.head_dim);
+                                                 config.num_kv_heads, config.head_dim, config.enable_pdl);
     plan->workspace_bytes = plan->kernels.bytes;
     return plan;
   }

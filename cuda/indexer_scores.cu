@@ -89,7 +89,8 @@ struct FirstLevelCounts {
 /// padded_heads sit in shared memory as [row][head][DIM + 32] (padded against bank conflicts).
 template <class Elem, int DIM>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p) {
-  allow_dependents();  // the select kernels may be scheduled now; they wait for this grid
+  wait_for_predecessor();  // launched as a programmatic dependent (IndexerConfig::enable_pdl): nothing read before
+  allow_dependents();      // the select kernels may be scheduled now; they wait for this grid
   const IndexerArgs& a = p.a;
   extern __shared__ __align__(16) unsigned char shared[];
   constexpr int kRowElems = DIM + 32;  // rows 64 bytes apart modulo 128: conflict-free A loads
@@ -221,7 +222,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel_mma(SelectParams p
 
 /// Scores with CUDA cores for f32 keys (any index_dim that is a multiple of 4).
 __global__ void __launch_bounds__(kScoreThreads) score_kernel_f32(SelectParams p) {
-  allow_dependents();  // the select kernels may be scheduled now; they wait for this grid
+  wait_for_predecessor();  // launched as a programmatic dependent (IndexerConfig::enable_pdl): nothing read before
+  allow_dependents();      // the select kernels may be scheduled now; they wait for this grid
   const IndexerArgs& a = p.a;
   extern __shared__ __align__(16) unsigned char shared[];
   const int dim = a.dim;
@@ -327,7 +329,8 @@ bool routed_kv_supported(DType dtype, int head_dim) {
   return gather_supported(dtype, head_dim);
 }
 
-IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim) {
+IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim,
+                         bool enable_pdl) {
   // Grid limits: y and z extents of a launch are at most 65535.
   const std::int64_t rows = std::int64_t{max_sequences} * max_tokens;
   if (max_sequences > 65535 || max_tokens > 65535 || rows > INT32_MAX / kMaxCluster || max_length > INT32_MAX / 2) {
@@ -344,6 +347,7 @@ IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_len
   plan.stride = w.stride;
   plan.bytes = w.end;
   plan.dependent_launch = select_dependent_launch_ready();
+  plan.score_dependent = enable_pdl;
   plan.cluster = plan_select_cluster(max_length);
   for (const ScoreVariant& v : kScoreVariants) {
     if (v.dim != dim && !(v.dim == 0 && dim % 4 == 0)) continue;
@@ -353,6 +357,7 @@ IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_len
     const std::size_t most = std::max(score_shared_bytes(v.dtype, row_bytes, 1),
                                       score_shared_bytes(v.dtype, row_bytes, rows_per_block(row_bytes, max_tokens)));
     allow_shared_memory(reinterpret_cast<const void*>(v.kernel), most, "cudaFuncSetAttribute (indexer scores)");
+    plan.score_dependent = plan.score_dependent && dependent_launch_ready(reinterpret_cast<const void*>(v.kernel));
   }
   return plan;
 }
@@ -387,8 +392,8 @@ void index_select(const IndexerArgs& args, const IndexerPlan& plan, void* worksp
   const dim3 grid(static_cast<unsigned>(ceil_div(plan.max_length, kScoreTile)),
                   static_cast<unsigned>(args.num_sequences),
                   static_cast<unsigned>(ceil_div(args.tokens, p.rows_per_block)));
-  kScoreVariants[variant].kernel<<<grid, kScoreThreads, shared, stream>>>(p);
-  detail::cuda_check_launch("indexer score_kernel");
+  launch_kernel(kScoreVariants[variant].kernel, grid, dim3(kScoreThreads), shared, stream,
+                LaunchAttributes{}.dependent(plan.score_dependent), "indexer score_kernel", p);
   try {
     launch_select(p, rows, plan.dependent_launch, stream);
   } catch (...) {

@@ -9,10 +9,10 @@
 //
 // The workspace invariant (the one place it is stated): the counters in a plan's workspace (the
 // attention's split tickets; the indexer's first-level row histograms, which the score pass fills
-// and the select kernel empties) are zero between calls. The component zeroes the whole workspace when it adopts a plan (reserve, set_workspace,
-// or an automatic plan for an unreserved component); every kernel that raises a counter returns
-// it to zero before the call ends, for every row it touched. The layout never moves while the
-// plan holds, so no call depends on what an earlier call of another batch size left behind.
+// and the select kernel empties) are zero between calls. The component zeroes the whole workspace when it adopts a plan
+// (reserve, set_workspace, or an automatic plan for an unreserved component); every kernel that raises a counter
+// returns it to zero before the call ends, for every row it touched. The layout never moves while the plan holds, so no
+// call depends on what an earlier call of another batch size left behind.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -62,11 +62,13 @@ struct IndexerPlan {
   std::int64_t stride = 0;        // positions per scores row
   std::size_t bytes = 0;          // workspace bytes
   bool dependent_launch = false;  // the select kernel launches as a programmatic dependent (sm_90)
+  bool score_dependent = false;   // the score pass too, of the kernel before select() (IndexerConfig::enable_pdl)
   int cluster = 1;                // select CTAs per query row (a thread-block cluster when > 1)
 };
 /// Throws Error(capacity_exceeded) for bounds whose grids would not fit the launch limits. Sets
 /// the score kernels' shared-memory limits on the current device.
-IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim);
+IndexerPlan plan_indexer(int max_sequences, int max_tokens, std::int64_t max_length, int heads, int dim,
+                         bool enable_pdl);
 /// Whether a score kernel exists for keys of `dtype` and `dim` (else select() is unsupported).
 bool indexer_supports(DType dtype, int dim);
 /// Whether select() can gather routed K/V rows (RoutingIndex::kv) of `head_dim` elements of `dtype`.
@@ -110,10 +112,11 @@ struct AttentionPlan {
   int q_heads = 0, kv_heads = 0, dim = 0;
   int variant[3] = {-1, -1, -1};  // by DType: index into the kernel table
   std::int64_t slots[3] = {};     // resident CTAs of the variant on the device (multiprocessors x per SM)
+  bool dependent_launch = false;  // launches as a programmatic dependent (AttentionConfig::enable_pdl, sm_90)
   std::size_t partial_out_offset = 0, partial_ml_offset = 0, bytes = 0;  // workspace layout
 };
 /// Throws Error(unsupported) for a (head_dim, group) without kernels.
-AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim);
+AttentionPlan plan_attention(int max_rows, std::int64_t span, int q_heads, int kv_heads, int dim, bool enable_pdl);
 /// Whether attention kernels exist for this head dimension (every float dtype has them).
 bool attention_supports(int dim);
 

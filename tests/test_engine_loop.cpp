@@ -49,10 +49,15 @@ clsa::IndexerConfig loop_indexer_config() {
 }
 
 /// What an engine builds once per backend: the components, planned for the largest step. gather:
-/// the indexer gathers the routed K/V rows once per step (gather_routed_kv).
-test::Components loop_components(clsa::Backend backend, bool gather) {
+/// the indexer gathers the routed K/V rows once per step (gather_routed_kv); pdl: their kernels
+/// launch as programmatic dependents (enable_pdl).
+test::Components loop_components(clsa::Backend backend, bool gather, bool pdl = false) {
   const clsa::CacheConfig cache_config = loop_cache_config();
-  return test::Components(backend, loop_indexer_config(), kShape.attention_config(), kMaxBatch, kMaxTokens, kMaxLength,
+  clsa::IndexerConfig indexer_config = loop_indexer_config();
+  clsa::AttentionConfig attention_config = kShape.attention_config();
+  indexer_config.enable_pdl = pdl;
+  attention_config.enable_pdl = pdl;
+  return test::Components(backend, indexer_config, attention_config, kMaxBatch, kMaxTokens, kMaxLength,
                           gather ? &cache_config : nullptr);
 }
 
@@ -242,13 +247,13 @@ struct CapturedStep {
   cuda_support::CapturedGraph graph;
 };
 
-void run_engine_loop(clsa::Backend backend, bool gather) {
+void run_engine_loop(clsa::Backend backend, bool gather, bool pdl = false) {
   const bool on_cuda = backend == clsa::Backend::cuda;
   test::Rng rng(test::base_seed() + 80);
   Population population(backend, on_cuda);
   const clsa::Device device = population.cache.device();
-  test::Components components = loop_components(backend, gather);  // the engine's one set of components
-  std::unique_ptr<test::Components> twin_components;               // CUDA: the CPU reference twin (reads the pool)
+  test::Components components = loop_components(backend, gather, pdl);  // the engine's one set of components
+  std::unique_ptr<test::Components> twin_components;                    // CUDA: the CPU reference twin (reads the pool)
   if (on_cuda) twin_components = std::make_unique<test::Components>(loop_components(clsa::Backend::cpu, false));
   clsa::CacheBatch cpu_batch = population.cache.reserve_batch(kMaxBatch, kMaxLength);  // CPU backend
   clsa::CacheBatch twin_batch;
@@ -338,7 +343,7 @@ void run_engine_loop(clsa::Backend backend, bool gather) {
     }
     // Fresh objects planned with the same bounds, eagerly on the same batch and inputs.
     {
-      test::Components fresh = loop_components(backend, gather);
+      test::Components fresh = loop_components(backend, gather, pdl);
       StepTensors fresh_tensors(slots, tokens, device);
       upload(inputs, fresh_tensors);
       const clsa::RoutingIndex routing = enqueue_step(fresh, *batch, fresh_tensors, engine_stream.stream());
@@ -409,4 +414,9 @@ TEST_CASE("engine loop: one graph per batch bucket replayed while contexts grow 
 TEST_CASE("engine loop: graphs over the routed K/V gathered once per step (cuda)", "[engine_loop][cuda]") {
   CLSA_SKIP_WITHOUT_GPU();
   run_engine_loop(clsa::Backend::cuda, true);
+}
+
+TEST_CASE("engine loop: graphs with programmatic dependent launch (cuda)", "[engine_loop][cuda]") {
+  CLSA_SKIP_WITHOUT_GPU();
+  run_engine_loop(clsa::Backend::cuda, true, /*pdl*/ true);
 }

@@ -279,6 +279,7 @@ int run_bench(const BenchOptions& options) {
       options.layers, options.q_heads, options.kv_heads, options.head_dim, options.index_heads, options.index_dim,
       options.top_k, iterations, warmup);
   std::printf("measured copy bandwidth (read + write): %.0f GB/s\n", copy_bandwidth / 1e9);
+  if (options.enable_pdl) std::printf("programmatic dependent launch: on (--pdl)\n");
   const std::size_t evict_bytes = static_cast<std::size_t>(options.evict_l2_mb) << 20;
   const FeedForwardStandIn stand_in(device, evict_bytes, timer.owned_stream());
   if (stand_in.enabled()) {
@@ -340,10 +341,12 @@ int run_bench(const BenchOptions& options) {
       indexer_config.sink_tokens = 4;
       indexer_config.local_window = 64;
       indexer_config.scale = 1.0f / std::sqrt(static_cast<float>(options.index_dim));
+      indexer_config.enable_pdl = options.enable_pdl;
       clsa::AttentionConfig attention_config;
       attention_config.num_q_heads = options.q_heads;
       attention_config.num_kv_heads = options.kv_heads;
       attention_config.head_dim = options.head_dim;
+      attention_config.enable_pdl = options.enable_pdl;
       clsa::CrossLayerIndexer indexer(indexer_config, backend);
       clsa::SparseCrossAttention sparse(attention_config, backend);
       clsa::DenseCrossAttention dense(attention_config, backend);

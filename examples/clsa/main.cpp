@@ -160,6 +160,9 @@ int main(int argc, char** argv) {
                    "device-wide setting; the stand-in runs under it too); 0: off")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
+  bench_command->add_flag("--pdl", bench.enable_pdl,
+                          "launch the indexer's and the attentions' kernels as programmatic dependents of the kernel "
+                          "before them (IndexerConfig/AttentionConfig::enable_pdl; CUDA sm_90+)");
   bench_command->add_flag("--no-baselines", bench.no_baselines,
                           "time only the CLSA rows (no dense or per-layer-indexer steps)");
   bench_command->add_option("--json", bench.json, "also write the rows as JSON to this file");

@@ -41,6 +41,7 @@ struct BenchOptions {
   int routed_kv = 1;          // 1: the indexer gathers the routed K/V rows once per step (gather_routed_kv)
   int l2_persist_mb = 0;      // > 0: keep_routed_kv_in_l2 with this many MiB
   bool no_baselines = false;  // only the CLSA rows
+  bool enable_pdl = false;    // the indexer's and the attentions' kernels launch as programmatic dependents
   std::string json, csv;
   std::uint64_t seed = 1;
 };

@@ -3,8 +3,8 @@
 driven from PyTorch through the clsa.torch ops, replayed from one CUDA graph, and the same step
 called eagerly: what the Python binding costs an engine against the C++ calls.
 
-The shape, dtype and page size are `clsa bench`'s (bf16, 64-token pages, random N(0, 1) data;
-the routing carries pool slots, the K/V are read from the pool as with `--routed-kv 0`). Compare
+The shape, dtype, page size and indexer are `clsa bench`'s (bf16, 64-token pages, 4 sink tokens
+and a 64-token window, random N(0, 1) data; the routing carries pool slots, the K/V are read from the pool as with `--routed-kv 0`). Compare
 its lines with the C++ rows of the same run:
 
   clsa bench --backend cuda --context 131072 --batch 1 --routed-kv 0 --evict-l2-mb 0 --no-baselines
@@ -37,6 +37,7 @@ def parse():
     p.add_argument("--index-dim", type=int, default=128)
     p.add_argument("--top-k", type=int, default=2048)
     p.add_argument("--iterations", type=int, default=30, help="timed replays and eager steps (median)")
+    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch (as clsa bench --pdl)")
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args()
 
@@ -59,10 +60,20 @@ def main():
     )
     cache = clsa.SharedKVCache(config, clsa.Backend.cuda)
     indexer = clsa.CrossLayerIndexer(
-        clsa.IndexerConfig(num_heads=a.index_heads, index_dim=a.index_dim, top_k=a.top_k), clsa.Backend.cuda
+        clsa.IndexerConfig(
+            num_heads=a.index_heads,
+            index_dim=a.index_dim,
+            top_k=a.top_k,
+            sink_tokens=4,
+            local_window=64,
+            scale=a.index_dim**-0.5,
+            enable_pdl=a.pdl,
+        ),
+        clsa.Backend.cuda,
     )
     sparse = clsa.SparseCrossAttention(
-        clsa.AttentionConfig(num_q_heads=a.q_heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim), clsa.Backend.cuda
+        clsa.AttentionConfig(num_q_heads=a.q_heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim, enable_pdl=a.pdl),
+        clsa.Backend.cuda,
     )
     indexer.reserve(B, T, a.context)
     sparse.reserve(B, T, a.top_k)

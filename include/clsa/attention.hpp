@@ -19,6 +19,10 @@ struct AttentionConfig {
   int num_kv_heads = 8;        // equal to the cache's
   int head_dim = 128;          // equal to the cache's: 64, 128 or 256
   float softmax_scale = 0.0f;  // 0 selects 1/sqrt(head_dim)
+  // CUDA on sm_90+: forward() launches its kernel as a programmatic dependent of the kernel before
+  // it on the stream (PDL): its CTAs are placed while that kernel drains and wait for it before
+  // reading anything. Other backends and devices ignore it.
+  bool enable_pdl = false;
 };
 
 /// out[b,t,h,:] = sum_p softmax_p(scale * q[b,t,h,:] . K[p, h/G, :]) * V[p, h/G, :] over the

@@ -20,6 +20,10 @@ struct IndexerConfig {
   int sink_tokens = 0;   // the first positions, always routed (counted inside top_k)
   int local_window = 0;  // the most recent visible positions, always routed (inside top_k)
   float scale = 1.0f;    // > 0; score = scale * sum_h w[h] * ReLU(q_idx[h] . k_idx[s])
+  // CUDA on sm_90+: select() launches its first kernel as a programmatic dependent of the kernel
+  // before it on the stream (PDL): its CTAs are placed while that kernel drains and wait for it
+  // before reading anything. Other backends and devices ignore it.
+  bool enable_pdl = false;
 };
 
 /// The routed tokens of every query token of a batch: positions [B, T, top_k] (int32; row (b,t)

@@ -455,39 +455,45 @@ void bind_vocabulary(nb::module_& m) {
       .def(
           "__init__",
           [](clsa::IndexerConfig* c, int num_heads, int index_dim, int top_k, int sink_tokens, int local_window,
-             float scale) {
-            new (c) clsa::IndexerConfig{num_heads, index_dim, top_k, sink_tokens, local_window, scale};
+             float scale, bool enable_pdl) {
+            new (c) clsa::IndexerConfig{num_heads, index_dim, top_k, sink_tokens, local_window, scale, enable_pdl};
           },
           nb::kw_only(), "num_heads"_a = 16, "index_dim"_a = 128, "top_k"_a = 2048, "sink_tokens"_a = 0,
-          "local_window"_a = 0, "scale"_a = 1.0f)
+          "local_window"_a = 0, "scale"_a = 1.0f, "enable_pdl"_a = false)
       .def_rw("num_heads", &clsa::IndexerConfig::num_heads)
       .def_rw("index_dim", &clsa::IndexerConfig::index_dim)
       .def_rw("top_k", &clsa::IndexerConfig::top_k)
       .def_rw("sink_tokens", &clsa::IndexerConfig::sink_tokens)
       .def_rw("local_window", &clsa::IndexerConfig::local_window)
       .def_rw("scale", &clsa::IndexerConfig::scale)
+      .def_rw("enable_pdl", &clsa::IndexerConfig::enable_pdl)
       .def("__repr__", [](const clsa::IndexerConfig& c) {
         return "IndexerConfig(num_heads=" + std::to_string(c.num_heads) + ", index_dim=" + std::to_string(c.index_dim) +
                ", top_k=" + std::to_string(c.top_k) + ", sink_tokens=" + std::to_string(c.sink_tokens) +
-               ", local_window=" + std::to_string(c.local_window) + ", scale=" + std::to_string(c.scale) + ")";
+               ", local_window=" + std::to_string(c.local_window) + ", scale=" + std::to_string(c.scale) +
+               ", enable_pdl=" + (c.enable_pdl ? "True" : "False") + ")";
       });
 
   nb::class_<clsa::AttentionConfig>(m, "AttentionConfig",
                                     "Query heads, kv heads, head dim, softmax scale (0: 1/sqrt(D)).")
       .def(
           "__init__",
-          [](clsa::AttentionConfig* c, int num_q_heads, int num_kv_heads, int head_dim, float softmax_scale) {
-            new (c) clsa::AttentionConfig{num_q_heads, num_kv_heads, head_dim, softmax_scale};
+          [](clsa::AttentionConfig* c, int num_q_heads, int num_kv_heads, int head_dim, float softmax_scale,
+             bool enable_pdl) {
+            new (c) clsa::AttentionConfig{num_q_heads, num_kv_heads, head_dim, softmax_scale, enable_pdl};
           },
-          nb::kw_only(), "num_q_heads"_a = 32, "num_kv_heads"_a = 8, "head_dim"_a = 128, "softmax_scale"_a = 0.0f)
+          nb::kw_only(), "num_q_heads"_a = 32, "num_kv_heads"_a = 8, "head_dim"_a = 128, "softmax_scale"_a = 0.0f,
+          "enable_pdl"_a = false)
       .def_rw("num_q_heads", &clsa::AttentionConfig::num_q_heads)
       .def_rw("num_kv_heads", &clsa::AttentionConfig::num_kv_heads)
       .def_rw("head_dim", &clsa::AttentionConfig::head_dim)
       .def_rw("softmax_scale", &clsa::AttentionConfig::softmax_scale)
+      .def_rw("enable_pdl", &clsa::AttentionConfig::enable_pdl)
       .def("__repr__", [](const clsa::AttentionConfig& c) {
         return "AttentionConfig(num_q_heads=" + std::to_string(c.num_q_heads) +
                ", num_kv_heads=" + std::to_string(c.num_kv_heads) + ", head_dim=" + std::to_string(c.head_dim) +
-               ", softmax_scale=" + std::to_string(c.softmax_scale) + ")";
+               ", softmax_scale=" + std::to_string(c.softmax_scale) +
+               ", enable_pdl=" + (c.enable_pdl ? "True" : "False") + ")";
       });
 
   nb::class_<clsa::MemoryStats>(m, "MemoryStats", "Pages, sequences, tokens and bytes of a SharedKVCache.")
