@@ -69,6 +69,7 @@ Decoder::Decoder(Variant variant, const ModelWeights& weights, DecoderOps& ops, 
   attention.num_q_heads = s.q_heads;
   attention.num_kv_heads = s.kv_heads;
   attention.head_dim = s.head_dim;
+  attention.enable_pdl = routing.enable_pdl;
   const std::int64_t max_length = limits.max_length;
   const int max_batch = limits.max_batch;
 
@@ -96,6 +97,7 @@ Decoder::Decoder(Variant variant, const ModelWeights& weights, DecoderOps& ops, 
       indexer.sink_tokens = std::min(routing.sink_tokens, routing.top_k / 2);
       indexer.local_window = std::min(routing.local_window, routing.top_k - indexer.sink_tokens);
       indexer.scale = 1.0f / std::sqrt(static_cast<float>(s.index_dim));
+      indexer.enable_pdl = routing.enable_pdl;
       indexer_ = std::make_unique<clsa::CrossLayerIndexer>(indexer, backend);
       indexer_->reserve(max_batch, 1, max_length);
       sparse_ = std::make_unique<clsa::SparseCrossAttention>(attention, backend);

@@ -61,6 +61,7 @@ struct RoutingOptions {
   int top_k = 2048;
   int sink_tokens = 4;  // clamped so that sinks + local window <= top_k
   int local_window = 64;
+  bool enable_pdl = false;  // the indexer's and attentions' kernels launch as programmatic dependents (CUDA sm_90+)
 };
 
 /// The K/V memory a decoder holds for its live sequences.

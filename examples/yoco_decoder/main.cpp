@@ -762,6 +762,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"exact", "sparse", "memory", "self-decoder"}))
       ->delimiter(',');
   app.add_flag("--per-step", options.per_step, "print every step's times and comparison");
+  app.add_flag(
+      "--pdl", options.routing.enable_pdl,
+      "CUDA sm_90+: libclsa's kernels launch as programmatic dependents of the kernel before them (enable_pdl)");
   app.add_option("--graphs", options.graphs,
                  "CUDA: decoding steps replay CUDA graphs captured once per batch size (false: eager launches)")
       ->capture_default_str();
