@@ -307,9 +307,8 @@ class CudaBackend final : public ComputeBackend {
   }
   std::unique_ptr<Plan> plan_indexer(const IndexerConfig& config, const Bounds& bounds) const override {
     auto plan = std::make_unique<IndexerPlanCuda>();
-    plan->kernels =
-        cuda_kernels::plan_indexer(bounds.sequences, bounds.tokens, bounds.span, config.num_heads, config.index_dim,
-                                   config.enable_pdl);
+    plan->kernels = cuda_kernels::plan_indexer(bounds.sequences, bounds.tokens, bounds.span, config.num_heads,
+                                               config.index_dim, config.enable_pdl);
     plan->workspace_bytes = plan->kernels.bytes;
     return plan;
   }
