@@ -40,6 +40,16 @@ cuda_kernels::bf16_bits* bits(const clsa::TensorView& view) {
   return static_cast<cuda_kernels::bf16_bits*>(view.data());
 }
 
+/// A [B, T, H, D] view's data and its (b, t, h) strides, into a kernel argument's four fields.
+template <class Bits>
+void heads_view(const clsa::TensorView& view, Bits*& data, std::int64_t& stride_b, std::int64_t& stride_t,
+                std::int64_t& stride_h) {
+  data = bits(view);
+  stride_b = view.stride(0);
+  stride_t = view.stride(1);
+  stride_h = view.stride(2);
+}
+
 /// One pinned host buffer that an upload converts into, and the event after the copy out of it.
 struct Staging {
   void* host = nullptr;
@@ -292,22 +302,10 @@ void CudaDecoderOps::window_attention(WindowKvCache& cache, int layer, const cls
     fail(clsa::ErrorCode::shape_mismatch, "window_attention: slots and starts must be contiguous");
   }
   cuda_kernels::WindowAttentionArgs a{};
-  a.q = bits(q);
-  a.q_b = q.stride(0);
-  a.q_t = q.stride(1);
-  a.q_h = q.stride(2);
-  a.k = bits(k);
-  a.k_b = k.stride(0);
-  a.k_t = k.stride(1);
-  a.k_h = k.stride(2);
-  a.v = bits(v);
-  a.v_b = v.stride(0);
-  a.v_t = v.stride(1);
-  a.v_h = v.stride(2);
-  a.out = bits(out);
-  a.o_b = out.stride(0);
-  a.o_t = out.stride(1);
-  a.o_h = out.stride(2);
+  heads_view(q, a.q, a.q_b, a.q_t, a.q_h);
+  heads_view(k, a.k, a.k_b, a.k_t, a.k_h);
+  heads_view(v, a.v, a.v_b, a.v_t, a.v_h);
+  heads_view(out, a.out, a.o_b, a.o_t, a.o_h);
   a.ring_k = bits(cache.k.view());
   a.ring_v = bits(cache.v.view());
   a.slots = slots.data_as<const std::int32_t>();
